@@ -1,0 +1,1 @@
+"""Offline side: model definition, data and synthesis, training, evaluation, export to bundles."""

@@ -1,0 +1,54 @@
+"""The fused one-step norm-guided inference: the whole graph that is exported to a bundle.
+
+uint8 RGB [B, H, W, 3] at model resolution in; anomaly_map [B, H, W] in [0, 1] and score [B] out.
+Normalisation, both noise scales, the batched denoiser call, guidance, segmenter and top-K
+score all live inside the graph; thresholds stay outside it.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from trainer.diffusion import linear_alpha_bars, norm_guided_x0, q_sample, top_k_mean
+from trainer.method import MethodConfig
+
+
+def fixed_noise(seed: int, image_size: int) -> Tensor:
+    """The seeded noise pair (ε₁ for t_s, ε₂ for t_b), shared by every image of every batch."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((2, 3, image_size, image_size), generator=generator)
+
+
+def uint8_nhwc_to_unit_range(images: Tensor) -> Tensor:
+    """uint8 [B, H, W, 3] → float [B, 3, H, W] in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class FusedInference(nn.Module):
+    def __init__(self, denoiser: nn.Module, segmenter: nn.Module, method: MethodConfig, image_size: int):
+        super().__init__()
+        self.denoiser = denoiser
+        self.segmenter = segmenter
+        self.guidance_w = method.guidance_w
+        self.top_k = method.top_k
+        alpha_bars = linear_alpha_bars(method.num_timesteps, method.beta_start, method.beta_end)
+        self.register_buffer("alpha_bar_s", alpha_bars[method.t_s].float().reshape(1))
+        self.register_buffer("alpha_bar_b", alpha_bars[method.t_b].float().reshape(1))
+        self.register_buffer("t_s", torch.tensor([float(method.t_s)]))
+        self.register_buffer("t_b", torch.tensor([float(method.t_b)]))
+        self.register_buffer("noise", fixed_noise(method.noise_seed, image_size))
+
+    def reconstruct(self, x0: Tensor) -> Tensor:
+        """Norm-guided one-step reconstruction x̂0_g of images in [-1, 1]: [B, 3, H, W]."""
+        batch = x0.shape[0]
+        ab_s, ab_b = self.alpha_bar_s.expand(batch), self.alpha_bar_b.expand(batch)
+        x_ts = q_sample(x0, ab_s, self.noise[0].expand_as(x0))
+        x_tb = q_sample(x0, ab_b, self.noise[1].expand_as(x0))
+        # Both scales in one denoiser call of batch 2B with a per-sample t.
+        t = torch.cat([self.t_s.expand(batch), self.t_b.expand(batch)])
+        eps_s, eps_b = self.denoiser(torch.cat([x_ts, x_tb]), t).split(batch)
+        return norm_guided_x0(x_ts, x_tb, eps_s, eps_b, ab_s, ab_b, self.guidance_w)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        x0 = uint8_nhwc_to_unit_range(images)
+        anomaly_map = self.segmenter(torch.cat([x0, self.reconstruct(x0)], dim=1))[:, 0]
+        return anomaly_map, top_k_mean(anomaly_map, self.top_k)

@@ -1,0 +1,1 @@
+"""Networks: the ε-prediction denoiser U-Net and the segmentation U-Net."""
