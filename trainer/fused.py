@@ -45,10 +45,13 @@ class FusedInference(nn.Module):
         x_tb = q_sample(x0, ab_b, self.noise[1].expand_as(x0))
         # Both scales in one denoiser call of batch 2B with a per-sample t.
         t = torch.cat([self.t_s.expand(batch), self.t_b.expand(batch)])
-        eps_s, eps_b = self.denoiser(torch.cat([x_ts, x_tb]), t).split(batch)
+        eps_s, eps_b = self.denoiser(torch.cat([x_ts, x_tb]), t).unflatten(0, (2, batch)).unbind(0)
         return norm_guided_x0(x_ts, x_tb, eps_s, eps_b, ab_s, ab_b, self.guidance_w)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        x0 = uint8_nhwc_to_unit_range(images)
+    def score(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """Images in [-1, 1] [B, 3, H, W] → (anomaly_map [B, H, W], score [B])."""
         anomaly_map = self.segmenter(torch.cat([x0, self.reconstruct(x0)], dim=1))[:, 0]
         return anomaly_map, top_k_mean(anomaly_map, self.top_k)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.score(uint8_nhwc_to_unit_range(images))

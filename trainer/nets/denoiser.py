@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class Denoiser(nn.Module):
         base, groups, drop = cfg.base_channels, cfg.norm_groups, cfg.dropout
         emb_dim = 4 * base
         self.base_channels = base
+        self.grad_checkpointing = False  # recompute stage activations in backward to save memory
         self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         def res(i: int, o: int, resample: Literal["none", "down", "up"] = "none") -> ResBlock:
@@ -146,13 +148,18 @@ class Denoiser(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), _zero(nn.Conv2d(ch, 3, 3, padding=1)))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(x.dtype))
         h = self.input_conv(x)
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb)
+            h = self._run(stage, h, emb)
             skips.append(h)
-        h = self.middle(h, emb)
+        h = self._run(self.middle, h, emb)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._run(stage, torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
+
+    def _run(self, stage: Stage, h: Tensor, emb: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training:
+            return checkpoint(stage, h, emb, use_reentrant=False)
+        return stage(h, emb)

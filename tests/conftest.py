@@ -1,0 +1,22 @@
+from pathlib import Path
+
+import pytest
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATASETS} (../shared beside the repo)")
+    return SHARED_DATASETS
+
+
+def hazelnut_images(datasets: Path, size: int, count: int):
+    """Real test images (good and defective) as uint8 RGB [count, size, size, 3]."""
+    import cv2
+    import numpy as np
+
+    paths = sorted((datasets / "hazelnut" / "test").rglob("*.jpg"))[:: 3][:count]
+    images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
+    return np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images])

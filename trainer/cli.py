@@ -1,0 +1,100 @@
+"""`trainer fit | eval | synth`: thin wrappers over the library with one-line errors."""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from trainer.config import ConfigError
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '45m', '2h' or plain seconds → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90s, 45m, 2h)")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="train on a folder of good parts (MVTec layout)")
+    fit.add_argument("data_dir", type=Path)
+    fit.add_argument("--out", type=Path, required=True, help="run directory to create (or resume)")
+    fit.add_argument("--config", type=Path, help="TOML training config (see configs/)")
+    fit.add_argument("--profile", choices=["tiny", "small", "paper"])
+    fit.add_argument("--textures", type=Path, help="folder of texture images (anomaly source)")
+    fit.add_argument("--seed", type=int)
+    fit.add_argument("--max-steps", type=int)
+    fit.add_argument("--epochs", type=int)
+    fit.add_argument("--time-limit", type=parse_duration, help="e.g. 60m: stop training after this long")
+    fit.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+
+    ev = sub.add_parser("eval", help="metrics and a picture report on a labelled test folder")
+    ev.add_argument("run_dir", type=Path)
+    ev.add_argument("data_dir", type=Path)
+    ev.add_argument("--out", type=Path, help="report directory (default RUN_DIR/eval)")
+
+    synth = sub.add_parser("synth", help="write sample synthetic anomalies as pictures")
+    synth.add_argument("data_dir", type=Path)
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("-n", type=int, default=16)
+    synth.add_argument("--profile", choices=["tiny", "small", "paper"], default="small")
+    synth.add_argument("--textures", type=Path)
+    synth.add_argument("--foreground", choices=["object", "texture"], default="object")
+    synth.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run_fit(args: argparse.Namespace) -> None:
+    from trainer import run_dir as files
+    from trainer.config import TrainConfig, load_train_config
+    from trainer.training import RunLimits, fit
+
+    if args.resume:
+        if not (args.out / files.CHECKPOINT).is_file():
+            raise ConfigError(f"{args.out}: nothing to resume (no {files.CHECKPOINT})")
+        cfg = TrainConfig.model_validate(files.read_json(args.out / files.CONFIG)["train"])
+    else:
+        if args.out.exists() and any(args.out.iterdir()):
+            raise ConfigError(f"{args.out}: run directory exists and is not empty (use --resume or a new --out)")
+        cfg = load_train_config(args.config, profile=args.profile, textures=args.textures, seed=args.seed)
+    result = fit(args.data_dir, args.out, cfg, RunLimits(args.max_steps, args.epochs, args.time_limit), args.resume)
+    if "thresholds" in result:
+        print(f"best validation at step {result['step']}: image AUROC {result['image_auroc']:.4f}, "
+              f"pixel AP {result['pixel_ap']:.4f}; run in {args.out}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from trainer.evaluate import evaluate
+
+    out = args.out or args.run_dir / "eval"
+    m = evaluate(args.run_dir, args.data_dir, out)
+    print(f"image AUROC {m['image_auroc']:.4f}  pixel AUROC {m['pixel_auroc']:.4f}  AUPRO {m['aupro']:.4f}  "
+          f"pixel AP {m['pixel_ap']:.4f}  image F1max {m['image_f1_max']:.4f}  → {out / 'metrics.json'}")
+
+
+def run_synth(args: argparse.Namespace) -> None:
+    from trainer.data.samples import write_synthetic_samples
+    from trainer.profiles import get_profile
+
+    written = write_synthetic_samples(args.data_dir, args.out, args.n, get_profile(args.profile).image_size,
+                                      args.textures, args.foreground, args.seed)
+    print(f"wrote {len(written)} pictures to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from trainer.data.mvtec import DataError
+
+    try:
+        {"fit": run_fit, "eval": run_eval, "synth": run_synth}[args.command](args)
+    except (ConfigError, DataError, FloatingPointError) as err:
+        print(f"trainer {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"trainer {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

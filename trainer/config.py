@@ -1,0 +1,65 @@
+"""Training configuration: a typed model, loaded from TOML, every key checked."""
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trainer.method import MethodConfig
+from trainer.profiles import PROFILES
+
+
+class ConfigError(Exception):
+    """A configuration file or value that cannot be used; the message names it."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    profile: Literal[tuple(PROFILES)] = Field("small", description="model size: tiny | small | paper")
+    method: MethodConfig = MethodConfig()
+    seed: int = Field(0, ge=0, description="seeds data split, synthesis, initialisation and noise draws")
+    batch_size: int = Field(8, gt=0, description="normal images per step; as many synthetic ones are added")
+    lr_denoiser: float = Field(1e-4, gt=0)
+    lr_segmenter: float = Field(1e-4, gt=0)
+    warmup_fraction: float = Field(0.02, ge=0, lt=1, description="linear warm-up, as a fraction of the run")
+    final_lr_fraction: float = Field(0.05, ge=0, le=1, description="cosine decay ends at this fraction of the peak lr")
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(3000, gt=0, description="used when neither --max-steps nor --time-limit bounds the run")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train/good held out for selection and thresholds")
+    val_every: int = Field(100, gt=0, description="steps between validations (model selection)")
+    checkpoint_every: int = Field(100, gt=0, description="steps between resumable checkpoints")
+    foreground: Literal["object", "texture"] = Field("object", description="where synthetic defects may appear")
+    foreground_masks: Path | None = Field(None, description="folder of user foreground masks (by image stem)")
+    textures: Path | None = Field(None, description="folder of texture images used as anomaly source")
+    texture_probability: float = Field(0.5, ge=0, le=1, description="chance of a texture source (objects)")
+    false_reject_rate: float = Field(0.01, ge=0, lt=1, description="calibration target on normal images")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision (GPU)")
+    grad_checkpointing: bool = Field(False, description="recompute denoiser activations to save memory")
+    num_workers: int = Field(1, ge=0, description="data-loader processes for synthesis")
+
+
+def load_train_config(path: Path | None, **overrides: object) -> TrainConfig:
+    """Read a TOML config (optional) and apply command-line overrides; one clear error otherwise."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        # Paths in a config file are relative to the file, so configs/ works from any directory.
+        for key in ("textures", "foreground_masks"):
+            if isinstance(data.get(key), str):
+                data[key] = str((path.parent / data[key]).resolve())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        where = f"{path}: " if path else ""
+        problem = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(f"{where}{key}: {problem}") from None
