@@ -61,7 +61,7 @@ def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_s
     picks = np.unique(np.linspace(0, len(images) - 1, min(report_samples, len(images))).round().astype(int))
     x0 = uint8_nhwc_to_unit_range(torch.from_numpy(images[picks]))
     recon = ((fused.reconstruct(x0) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    mask_small = resize_for_metrics(masks[picks].astype(np.float32), size) > 0.5
+    mask_small = resize_for_metrics(masks[picks], size)
     titles = [f"{folder.test[i].defect}/{folder.test[i].image.name}  score {scores[i]:.3f}" for i in picks]
     write_sample_grid(out / "samples.png", images[picks], recon, maps[picks], mask_small, titles)
     write_curves(out, labels, scores, masks, maps_256)

@@ -7,7 +7,7 @@ calibrates thresholds; test data is never read here.
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +84,14 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
     """Scan, split, decode and compute foregrounds up front: bad data fails before any output."""
     size = get_profile(cfg.profile).image_size
     folder = scan_mvtec(data_dir, require_test=False)
+    if len(folder.train) < 2:
+        raise DataError(f"{data_dir / 'train' / 'good'}: need at least 2 good images (training + validation)")
     train_paths, val_paths = split_validation(folder.train, cfg.val_fraction, cfg.seed)
     user_masks = load_user_masks(cfg.foreground_masks, size) if cfg.foreground_masks else {}
     textures = list_textures(cfg.textures) if cfg.textures else []
-    synthesizer = AnomalySynthesizer(size, textures, texture_probability=cfg.texture_probability)
+    # Texture classes always take a texture as anomaly source (METHOD.md); objects only sometimes.
+    texture_probability = 1.0 if cfg.foreground == "texture" else cfg.texture_probability
+    synthesizer = AnomalySynthesizer(size, textures, texture_probability=texture_probability)
 
     def load(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
         images = np.stack([read_rgb(p, size) for p in paths])
@@ -113,145 +117,178 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 def fit(data_dir: Path, run: Path, cfg: TrainConfig, limits: RunLimits, resume: bool = False) -> dict:
-    """Train, select on validation, calibrate thresholds. Returns the final validation record."""
+    """Train, select on validation, calibrate thresholds. Returns the best validation record
+    (with the thresholds, on the main process)."""
     ddp = start_distributed()
     try:
-        return _fit(data_dir, run, cfg, limits, resume, ddp)
+        data = prepare_data(data_dir, cfg)
+        session = TrainingSession(data_dir, run, cfg, data, ddp)
+        if resume:
+            limits = session.restore(limits)
+        elif ddp.is_main:
+            session.write_config()
+        try:
+            session.train(limits)
+        except KeyboardInterrupt:
+            if ddp.world_size == 1:  # with DDP the peers may be gone: the periodic checkpoint stands
+                session.save_checkpoint(limits)
+            raise
+        return session.finish()
     finally:
         if ddp.world_size > 1:
             dist.destroy_process_group()
 
 
-def _fit(data_dir: Path, run: Path, cfg: TrainConfig, limits: RunLimits, resume: bool, ddp: Distributed) -> dict:
-    data = prepare_data(data_dir, cfg)
-    profile = get_profile(cfg.profile)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = DiffusionAD(profile).to(ddp.device)
-    model.denoiser.grad_checkpointing = cfg.grad_checkpointing
-    objective = JointObjective(model, cfg.method).to(ddp.device)
-    trainable = DistributedDataParallel(objective) if ddp.world_size > 1 else objective
-    optimizer = torch.optim.Adam(
-        [{"params": model.denoiser.parameters(), "lr": cfg.lr_denoiser},
-         {"params": model.segmenter.parameters(), "lr": cfg.lr_segmenter}],
-        weight_decay=cfg.weight_decay,
-    )
-    base_lrs = [cfg.lr_denoiser, cfg.lr_segmenter]
-    scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and ddp.device.type == "cuda")
-    noise_gen = torch.Generator().manual_seed(cfg.seed * 1000 + ddp.rank)
+class TrainingSession:
+    """The state of one run: model, optimiser, step counter and clocks, and how to save them."""
 
-    sampler = DistributedSampler(data.train, ddp.world_size, ddp.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"{data_dir}: {data.num_train} training images are fewer than one batch "
-                        f"({cfg.batch_size} per process × {ddp.world_size}); lower batch_size")
-    total_steps = limits.max_steps
-    if total_steps is None and (limits.epochs is not None or limits.time_limit_s is None):
-        total_steps = (limits.epochs or cfg.epochs) * steps_per_epoch
+    def __init__(self, data_dir: Path, run: Path, cfg: TrainConfig, data: PreparedData, ddp: Distributed):
+        self.data_dir, self.run, self.cfg, self.data, self.ddp = data_dir, run, cfg, data, ddp
+        self.size = get_profile(cfg.profile).image_size
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = DiffusionAD(get_profile(cfg.profile)).to(ddp.device)
+        self.model.denoiser.grad_checkpointing = cfg.grad_checkpointing
+        objective = JointObjective(self.model, cfg.method).to(ddp.device)
+        self.objective = DistributedDataParallel(objective) if ddp.world_size > 1 else objective
+        self.optimizer = torch.optim.Adam(
+            [{"params": self.model.denoiser.parameters(), "lr": cfg.lr_denoiser},
+             {"params": self.model.segmenter.parameters(), "lr": cfg.lr_segmenter}],
+            weight_decay=cfg.weight_decay,
+        )
+        self.base_lrs = [cfg.lr_denoiser, cfg.lr_segmenter]
+        self.scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and ddp.device.type == "cuda")
+        self.noise_gen = torch.Generator().manual_seed(cfg.seed * 1000 + ddp.rank)
+        self.sampler = DistributedSampler(data.train, ddp.world_size, ddp.rank, shuffle=True, seed=cfg.seed,
+                                          drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{data_dir}: {data.num_train} training images are fewer than one batch "
+                            f"({cfg.batch_size} per process × {ddp.world_size}); lower batch_size")
+        self.step, self.elapsed, self.best = 0, 0.0, {"selection": -1.0, "step": 0}
 
-    step, elapsed, best = 0, 0.0, {"selection": -1.0}
-    if resume:
-        state = files.load_checkpoint(run / files.CHECKPOINT)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if len(state["noise_rng"]) != ddp.world_size:
-            raise ConfigError(f"{run}: resume with the same number of processes ({len(state['noise_rng'])})")
-        noise_gen.set_state(state["noise_rng"][ddp.rank])
-        step, elapsed, best = state["step"], state["elapsed_s"], state["best"]
-    elif ddp.is_main:
-        files.write_json(run / files.CONFIG, {
-            "train": cfg.model_dump(mode="json"),
-            "data": {"path": str(data_dir.resolve()), "fingerprint": data.fingerprint,
-                     "train_images": data.num_train, "validation_images": data.num_val},
-            "world_size": ddp.world_size,
+    def write_config(self) -> None:
+        files.write_json(self.run / files.CONFIG, {
+            "train": self.cfg.model_dump(mode="json"),
+            "data": {"path": str(self.data_dir.resolve()), "fingerprint": self.data.fingerprint,
+                     "train_images": self.data.num_train, "validation_images": self.data.num_val},
+            "world_size": self.ddp.world_size,
         })
 
-    def progress() -> float:
-        by_steps = step / total_steps if total_steps else 0.0
-        by_time = elapsed / limits.time_limit_s if limits.time_limit_s else 0.0
-        return max(by_steps, by_time)
+    def restore(self, limits: RunLimits) -> RunLimits:
+        """Load the checkpoint; keep the interrupted run's budget unless a new bound is given."""
+        state = files.load_checkpoint(self.run / files.CHECKPOINT)
+        if len(state["noise_rng"]) != self.ddp.world_size:
+            raise ConfigError(f"{self.run}: resume with the same number of processes ({len(state['noise_rng'])})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.noise_gen.set_state(state["noise_rng"][self.ddp.rank])
+        self.step, self.elapsed, self.best = state["step"], state["elapsed_s"], state["best"]
+        return limits if limits != RunLimits() else RunLimits(**state["limits"])
 
-    def save_state() -> None:
-        rng = [torch.zeros_like(noise_gen.get_state()) for _ in range(ddp.world_size)]
-        if ddp.world_size > 1:
-            dist.all_gather(rng, noise_gen.get_state())
-        else:
-            rng = [noise_gen.get_state()]
-        if ddp.is_main:
-            files.save_checkpoint(run / files.CHECKPOINT, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "elapsed_s": elapsed, "best": best, "noise_rng": rng,
+    def save_checkpoint(self, limits: RunLimits) -> None:
+        rng = [self.noise_gen.get_state()]
+        if self.ddp.world_size > 1:
+            rng = [torch.zeros_like(rng[0]) for _ in range(self.ddp.world_size)]
+            dist.all_gather(rng, self.noise_gen.get_state())
+        if self.ddp.is_main:
+            files.save_checkpoint(self.run / files.CHECKPOINT, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "elapsed_s": self.elapsed, "best": self.best, "noise_rng": rng, "limits": asdict(limits),
             })
 
-    def run_validation() -> None:
-        nonlocal best
-        if ddp.is_main:
-            record = validate(model, cfg.method, data.validation, ddp.device)
-            record.update(step=step, elapsed_s=round(elapsed, 1))
-            if record["selection"] > best["selection"]:
-                best = record
-                files.save_weights(run / files.WEIGHTS, model)
-            files.append_log(run, {"validation": record})
-            bar.write(f"step {step}: validation image AUROC {record['image_auroc']:.3f}, "
-                      f"pixel AP {record['pixel_ap']:.3f} (best at step {best['step']})")
-        if ddp.world_size > 1:
+    def validate(self) -> str | None:
+        """Score the validation split; keep the weights if they are the best so far."""
+        message = None
+        if self.ddp.is_main:
+            record = validate(self.model, self.cfg.method, self.data.validation, self.ddp.device)
+            record.update(step=self.step, elapsed_s=round(self.elapsed, 1))
+            if record["selection"] > self.best["selection"]:
+                self.best = record
+                files.save_weights(self.run / files.WEIGHTS, self.model)
+            files.append_log(self.run, {"validation": record})
+            message = (f"step {self.step}: validation image AUROC {record['image_auroc']:.3f}, "
+                       f"pixel AP {record['pixel_ap']:.3f} (best at step {self.best['step']})")
+        if self.ddp.world_size > 1:
             dist.barrier()
+        return message
 
-    bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, unit="step", dynamic_ncols=True)
-    images_per_step = 2 * cfg.batch_size * ddp.world_size
-    size = profile.image_size
-    done = False
-    while not done:
-        epoch, skip = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        data.train.set_epoch(epoch)
+    def train_step(self, batch: dict, lr_scale: float) -> tuple[float, float, float]:
+        self.model.train()
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * lr_scale
+        randomness = draw_step_randomness(2 * self.cfg.batch_size, (3, self.size, self.size), self.cfg.method,
+                                          self.noise_gen)
+        inputs = [batch["normal"], batch["anomalous"], batch["mask"], *randomness]
+        with _autocast(self.cfg, self.ddp.device):
+            total, l_noise, l_mask = self.objective(*(x.to(self.ddp.device, non_blocking=True) for x in inputs))
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss became {total.item()} at step {self.step}; lower the learning rates")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return total.item(), l_noise.item(), l_mask.item()
+
+    def _time_is_up(self, limits: RunLimits) -> bool:
+        up = bool(limits.time_limit_s and self.elapsed >= limits.time_limit_s)
+        if limits.time_limit_s and self.ddp.world_size > 1:
+            flag = torch.tensor([float(up)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops on the same step
+            up = bool(flag.item())
+        return up
+
+    def _epoch_loader(self) -> DataLoader:
+        epoch, skip = divmod(self.step, self.steps_per_epoch)
+        self.sampler.set_epoch(epoch)
+        self.data.train.set_epoch(epoch)
         # Resuming mid-epoch: skip the indices already consumed, without synthesising them.
-        indices = list(sampler)[skip * cfg.batch_size:]
-        loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=indices, drop_last=True,
-                            num_workers=cfg.num_workers, persistent_workers=False)
-        for batch in loader:
-            tick = time.perf_counter()
-            model.train()
-            lr_scale = lr_factor(progress(), cfg.warmup_fraction, cfg.final_lr_fraction)
-            for group, base_lr in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base_lr * lr_scale
-            t_s, t_b, eps_s, eps_b = draw_step_randomness(2 * cfg.batch_size, (3, size, size), cfg.method, noise_gen)
-            inputs = [batch["normal"], batch["anomalous"], batch["mask"], t_s, t_b, eps_s, eps_b]
-            with _autocast(cfg, ddp.device):
-                total, l_noise, l_mask = trainable(*(x.to(ddp.device, non_blocking=True) for x in inputs))
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"loss became {total.item()} at step {step}; lower the learning rates")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            step_time = time.perf_counter() - tick
-            elapsed += step_time
-            bar.update(1)
-            bar.set_postfix(loss=f"{total.item():.4f}", noise=f"{l_noise.item():.4f}", mask=f"{l_mask.item():.4f}",
-                            img_s=f"{images_per_step / step_time:.1f}", lr=f"{lr_scale:.2f}")
-            if ddp.is_main and step % 10 == 0:
-                files.append_log(run, {"step": step, "loss": total.item(), "noise": l_noise.item(),
-                                       "mask": l_mask.item(), "lr_scale": lr_scale, "elapsed_s": round(elapsed, 2)})
-            if limits.time_limit_s and ddp.world_size > 1:
-                # Every rank must agree to stop on the same step.
-                flag = torch.tensor([elapsed >= limits.time_limit_s], dtype=torch.float32)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                time_up = bool(flag.item())
-            else:
-                time_up = bool(limits.time_limit_s and elapsed >= limits.time_limit_s)
-            done = time_up or (total_steps is not None and step >= total_steps)
-            if done or step % cfg.val_every == 0:
-                run_validation()
-            if done or step % cfg.checkpoint_every == 0:
-                save_state()
-            if done:
-                break
-    bar.close()
-    result = best
-    if ddp.is_main:
-        files.load_weights(run / files.WEIGHTS, model)
-        thresholds = calibrate_run(model, cfg, data.validation, ddp.device)
-        files.write_json(run / files.THRESHOLDS, thresholds)
-        result = {**best, "thresholds": thresholds}
-    return result
+        indices = list(self.sampler)[skip * self.cfg.batch_size:]
+        return DataLoader(self.data.train, batch_size=self.cfg.batch_size, sampler=indices, drop_last=True,
+                          num_workers=self.cfg.num_workers)
+
+    def train(self, limits: RunLimits) -> None:
+        total_steps = limits.max_steps
+        if total_steps is None and (limits.epochs is not None or limits.time_limit_s is None):
+            total_steps = (limits.epochs or self.cfg.epochs) * self.steps_per_epoch
+
+        def progress() -> float:
+            by_steps = self.step / total_steps if total_steps else 0.0
+            by_time = self.elapsed / limits.time_limit_s if limits.time_limit_s else 0.0
+            return max(by_steps, by_time)
+
+        images_per_step = 2 * self.cfg.batch_size * self.ddp.world_size
+        bar = tqdm(total=total_steps, initial=self.step, disable=not self.ddp.is_main, unit="step",
+                   dynamic_ncols=True)
+        done = total_steps is not None and self.step >= total_steps
+        while not done:
+            for batch in self._epoch_loader():
+                tick = time.perf_counter()
+                lr_scale = lr_factor(progress(), self.cfg.warmup_fraction, self.cfg.final_lr_fraction)
+                loss, l_noise, l_mask = self.train_step(batch, lr_scale)
+                step_time = time.perf_counter() - tick
+                self.elapsed += step_time
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", noise=f"{l_noise:.4f}", mask=f"{l_mask:.4f}",
+                                img_s=f"{images_per_step / step_time:.1f}", lr=f"{lr_scale:.2f}")
+                if self.ddp.is_main and self.step % 10 == 0:
+                    files.append_log(self.run, {"step": self.step, "loss": loss, "noise": l_noise, "mask": l_mask,
+                                                "lr_scale": lr_scale, "elapsed_s": round(self.elapsed, 2)})
+                done = self._time_is_up(limits) or (total_steps is not None and self.step >= total_steps)
+                if done or self.step % self.cfg.val_every == 0:
+                    if message := self.validate():
+                        bar.write(message)
+                if done or self.step % self.cfg.checkpoint_every == 0:
+                    self.save_checkpoint(limits)
+                if done:
+                    break
+        bar.close()
+
+    def finish(self) -> dict:
+        """Reload the selected weights and calibrate thresholds on the validation split."""
+        if not self.ddp.is_main:
+            return self.best
+        files.load_weights(self.run / files.WEIGHTS, self.model)
+        thresholds = calibrate_run(self.model, self.cfg, self.data.validation, self.ddp.device)
+        files.write_json(self.run / files.THRESHOLDS, thresholds)
+        return {**self.best, "thresholds": thresholds}

@@ -1,0 +1,1 @@
+"""Training data: MVTec-layout folders, object foregrounds and synthetic anomalies."""

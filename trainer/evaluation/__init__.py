@@ -1,0 +1,1 @@
+"""The field's metrics, threshold calibration on validation data, and picture reports."""
