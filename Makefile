@@ -24,6 +24,7 @@ demo:
 
 bench: $(VENV)/.installed
 	$(PY) bench/model_cost.py
+	$(PY) bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

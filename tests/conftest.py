@@ -20,3 +20,16 @@ def hazelnut_images(datasets: Path, size: int, count: int):
     paths = sorted((datasets / "hazelnut" / "test").rglob("*.jpg"))[:: 3][:count]
     images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
     return np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, datasets_dir) -> Path:
+    """A tiny model trained for a few steps on real images: enough to export and serve."""
+    from trainer.cli import main
+
+    config = tmp_path_factory.mktemp("config") / "tiny.toml"
+    config.write_text('profile = "tiny"\nbatch_size = 4\nnum_workers = 0\nval_every = 4\n')
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["fit", str(datasets_dir / "hazelnut"), "--out", str(run), "--config", str(config),
+                 "--max-steps", "4"]) == 0
+    return run

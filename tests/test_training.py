@@ -150,3 +150,11 @@ def test_unreadable_image_is_named(tmp_path):
     result = run_cli("fit", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--profile", "tiny")
     assert result.returncode == 1 and "001.png" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_synth_writes_pictures_a_user_can_open(tmp_path, datasets_dir):
+    out = tmp_path / "synth"
+    assert main(["synth", str(datasets_dir / "hazelnut"), "--out", str(out), "-n", "4", "--profile", "tiny"]) == 0
+    pictures = sorted(out.glob("*.png"))
+    assert len(pictures) == 5
+    assert all(cv2.imread(str(p)) is not None for p in pictures)

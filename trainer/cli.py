@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("data_dir", type=Path)
     ev.add_argument("--out", type=Path, help="report directory (default RUN_DIR/eval)")
 
+    export = sub.add_parser("export", help="compile a run into a model bundle for stations")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    export.add_argument("--target", choices=["cpu", "tensorrt", "all"], default="cpu")
+    export.add_argument("--max-batch", type=int, default=8)
+
     synth = sub.add_parser("synth", help="write sample synthetic anomalies as pictures")
     synth.add_argument("data_dir", type=Path)
     synth.add_argument("--out", type=Path, required=True)
@@ -76,6 +82,14 @@ def run_eval(args: argparse.Namespace) -> None:
           f"pixel AP {m['pixel_ap']:.4f}  image F1max {m['image_f1_max']:.4f}  → {out / 'metrics.json'}")
 
 
+def run_export(args: argparse.Namespace) -> None:
+    from trainer.export.bundle import export_bundle
+
+    manifest = export_bundle(args.run_dir, args.out, args.target, args.max_batch)
+    print(f"bundle {manifest.model.name} {manifest.model.version} → {args.out} "
+          f"({', '.join(f.path for f in manifest.files)})")
+
+
 def run_synth(args: argparse.Namespace) -> None:
     from trainer.data.samples import write_synthetic_samples
     from trainer.profiles import get_profile
@@ -90,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data.mvtec import DataError
 
     try:
-        {"fit": run_fit, "eval": run_eval, "synth": run_synth}[args.command](args)
+        {"fit": run_fit, "eval": run_eval, "export": run_export, "synth": run_synth}[args.command](args)
     except (ConfigError, DataError, FloatingPointError) as err:
         print(f"trainer {args.command}: error: {err}", file=sys.stderr)
         return 1

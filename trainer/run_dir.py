@@ -14,6 +14,7 @@ CONFIG = "config.json"          # resolved TrainConfig + data provenance
 WEIGHTS = "model.safetensors"   # the selected (best on validation) weights
 CHECKPOINT = "checkpoint.pt"    # resumable state: weights, optimiser, step, RNG
 THRESHOLDS = "thresholds.json"  # calibrated on the validation split
+VALIDATION = "validation.json"  # validation figures of the selected weights
 LOG = "train_log.jsonl"         # one JSON line per logged step / validation
 
 

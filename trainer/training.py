@@ -146,7 +146,8 @@ class TrainingSession:
         self.data_dir, self.run, self.cfg, self.data, self.ddp = data_dir, run, cfg, data, ddp
         self.size = get_profile(cfg.profile).image_size
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = DiffusionAD(get_profile(cfg.profile)).to(ddp.device)
+        # channels_last: oneDNN / cuDNN convolutions run faster on NHWC (≈1.2× per CPU step here).
+        self.model = DiffusionAD(get_profile(cfg.profile)).to(ddp.device, memory_format=torch.channels_last)
         self.model.denoiser.grad_checkpointing = cfg.grad_checkpointing
         objective = JointObjective(self.model, cfg.method).to(ddp.device)
         self.objective = DistributedDataParallel(objective) if ddp.world_size > 1 else objective
@@ -260,17 +261,22 @@ class TrainingSession:
         images_per_step = 2 * self.cfg.batch_size * self.ddp.world_size
         bar = tqdm(total=total_steps, initial=self.step, disable=not self.ddp.is_main, unit="step",
                    dynamic_ncols=True)
-        done = total_steps is not None and self.step >= total_steps
+        done = self._time_is_up(limits) or (total_steps is not None and self.step >= total_steps)
+        # The time budget is wall-clock: data loading and validation count too.
+        start, elapsed_before = time.perf_counter(), self.elapsed
         while not done:
             for batch in self._epoch_loader():
                 tick = time.perf_counter()
                 lr_scale = lr_factor(progress(), self.cfg.warmup_fraction, self.cfg.final_lr_fraction)
                 loss, l_noise, l_mask = self.train_step(batch, lr_scale)
                 step_time = time.perf_counter() - tick
-                self.elapsed += step_time
+                self.elapsed = elapsed_before + time.perf_counter() - start
                 bar.update(1)
+                done_fraction = progress()
+                eta_s = self.elapsed * (1 - done_fraction) / done_fraction if done_fraction > 0 else 0.0
                 bar.set_postfix(loss=f"{loss:.4f}", noise=f"{l_noise:.4f}", mask=f"{l_mask:.4f}",
-                                img_s=f"{images_per_step / step_time:.1f}", lr=f"{lr_scale:.2f}")
+                                img_s=f"{images_per_step / step_time:.1f}", lr=f"{lr_scale:.2f}",
+                                eta=f"{eta_s / 60:.1f}min")
                 if self.ddp.is_main and self.step % 10 == 0:
                     files.append_log(self.run, {"step": self.step, "loss": loss, "noise": l_noise, "mask": l_mask,
                                                 "lr_scale": lr_scale, "elapsed_s": round(self.elapsed, 2)})
@@ -291,4 +297,5 @@ class TrainingSession:
         files.load_weights(self.run / files.WEIGHTS, self.model)
         thresholds = calibrate_run(self.model, self.cfg, self.data.validation, self.ddp.device)
         files.write_json(self.run / files.THRESHOLDS, thresholds)
+        files.write_json(self.run / files.VALIDATION, self.best)
         return {**self.best, "thresholds": thresholds}

@@ -1,0 +1,1 @@
+"""Bundle loading and inference backends: verify a bundle, pick a backend, run it."""

@@ -1,0 +1,33 @@
+"""The one interface every inference backend implements: a bundle file in, `infer` out."""
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from protocols.bundle import Manifest
+
+
+class BackendUnavailable(RuntimeError):
+    """This machine cannot run the backend (no GPU, library not installed, ...)."""
+
+
+class Backend(ABC):
+    key: ClassVar[str]      # the name a setting chooses it by, e.g. "exported-cpu"
+    formats: ClassVar[tuple[str, ...]]  # BundleFile.format values it can load
+    target: ClassVar[str]   # BundleFile.target it loads
+
+    @classmethod
+    @abstractmethod
+    def available(cls) -> bool:
+        """Whether this machine can run the backend at all (cheap; no model loaded)."""
+
+    @abstractmethod
+    def __init__(self, path: Path, manifest: Manifest):
+        """Load the (already sha256-verified) file; raise BackendUnavailable if this machine can't."""
+
+    @abstractmethod
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [B, H, W, 3] RGB at the manifest's input size (1 <= B <= max_batch) →
+        (anomaly_map float32 [B, H, W], score float32 [B])."""

@@ -1,0 +1,119 @@
+"""`trainer export` → bundle → edge runtime: parity on real images, and tampering refused."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import hazelnut_images
+
+from edge.runtime.aoti import AotiCpuBackend
+from edge.runtime.bundle import BundleError, verify_bundle
+from edge.runtime.exported import ExportedCpuBackend
+from edge.runtime.loader import load_model
+from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest
+from trainer.cli import main
+from trainer.evaluate import load_run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_run: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    assert main(["export", str(tiny_run), "--out", str(out), "--target", "cpu", "--max-batch", "4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def eager_reference(tiny_run: Path, datasets_dir: Path):
+    cfg, model, _ = load_run(tiny_run)
+    images = hazelnut_images(datasets_dir, model.image_size, count=4)
+    with torch.no_grad():
+        maps, scores = model.fused(cfg.method).eval()(torch.from_numpy(images))
+    return images, maps.numpy(), scores.numpy()
+
+
+def test_manifest_describes_the_bundle(bundle: Path, tiny_run: Path):
+    manifest = Manifest.model_validate_json((bundle / MANIFEST_NAME).read_text())
+    thresholds = json.loads((tiny_run / "thresholds.json").read_text())
+    assert manifest.input.height == manifest.input.width == 64 and manifest.input.max_batch == 4
+    assert (manifest.method.t_s, manifest.method.t_b, manifest.method.top_k) == (200, 400, 50)
+    assert manifest.thresholds.image == thresholds["false_reject_rate"]["image"]
+    assert manifest.files[0].format == "torch.export"
+    assert len(manifest.provenance.data_fingerprint) == 64
+    assert "validation_image_auroc" in manifest.metrics
+    assert not list(bundle.parent.glob(".*partial")), "staging directory left behind"
+
+
+def backends_here(bundle: Path, tmp_path: Path):
+    """Every backend that runs on this machine, each on its file (an AOT package is compiled
+    here if export dropped it as slower, so its parity is still checked)."""
+    manifest = verify_bundle(bundle).manifest
+    yield ExportedCpuBackend(bundle / "model.pt2", manifest)
+    aoti = bundle / "model.cpu.pt2"
+    if not aoti.exists():
+        aoti = tmp_path / "model.cpu.pt2"
+        torch._inductor.aoti_compile_and_package(torch.export.load(bundle / "model.pt2"), package_path=str(aoti))
+    yield AotiCpuBackend(aoti, manifest)
+
+
+def test_every_backend_matches_eager_with_identical_verdicts(bundle, eager_reference, tmp_path):
+    images, ref_maps, ref_scores = eager_reference
+    threshold = verify_bundle(bundle).manifest.thresholds.image
+    checked = []
+    for backend in backends_here(bundle, tmp_path):
+        for batch in (images[:1], images):
+            maps, scores = backend.infer(batch)
+            n = len(batch)
+            np.testing.assert_allclose(maps, ref_maps[:n], rtol=0, atol=1e-4, err_msg=backend.key)
+            np.testing.assert_allclose(scores, ref_scores[:n], rtol=0, atol=1e-4, err_msg=backend.key)
+            assert np.array_equal(scores >= threshold, ref_scores[:n] >= threshold), backend.key
+        checked.append(backend.key)
+    assert checked == ["exported-cpu", "aoti-cpu"]
+
+
+def test_auto_picks_a_warmed_up_backend(bundle, eager_reference):
+    model = load_model(bundle, "auto")
+    assert model.backend.key in ("exported-cpu", "aoti-cpu") and model.images_per_second > 0
+    images, _, ref_scores = eager_reference
+    np.testing.assert_allclose(model.infer(images)[1], ref_scores, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "manifest.sha256", "model.pt2"])
+def test_a_one_byte_change_to_any_file_is_refused_naming_it(bundle, tmp_path, name):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    target = copy / name
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=name.replace(".", r"\.")):
+        load_model(copy)
+
+
+def test_missing_file_wrong_version_and_unknown_backend_are_named(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    (copy / "model.pt2").unlink()
+    with pytest.raises(BundleError, match=r"model\.pt2.*missing"):
+        verify_bundle(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(bundle, copy)
+    raw = json.loads((copy / MANIFEST_NAME).read_text())
+    raw["version"] = 99
+    (copy / MANIFEST_NAME).write_text(json.dumps(raw))
+    (copy / MANIFEST_DIGEST_NAME).write_text(__import__("hashlib").sha256((copy / MANIFEST_NAME).read_bytes()).hexdigest())
+    with pytest.raises(BundleError, match="version 99 is not supported"):
+        verify_bundle(copy)
+    with pytest.raises(BundleError, match="unknown backend"):
+        load_model(bundle, "gpu-please")
+
+
+def test_no_pickle_loading_anywhere_in_edge():
+    edge = Path(__file__).resolve().parents[1] / "edge"
+    for path in edge.rglob("*.py"):
+        text = path.read_text()
+        assert "pickle" not in text and "torch.load(" not in text, path
