@@ -13,7 +13,7 @@ from edge.runtime.aoti import AotiCpuBackend
 from edge.runtime.bundle import BundleError, verify_bundle
 from edge.runtime.exported import ExportedCpuBackend
 from edge.runtime.loader import load_model
-from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest
+from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest, sha256_file
 from trainer.cli import main
 from trainer.evaluate import load_run
 
@@ -105,7 +105,7 @@ def test_missing_file_wrong_version_and_unknown_backend_are_named(bundle, tmp_pa
     raw = json.loads((copy / MANIFEST_NAME).read_text())
     raw["version"] = 99
     (copy / MANIFEST_NAME).write_text(json.dumps(raw))
-    (copy / MANIFEST_DIGEST_NAME).write_text(__import__("hashlib").sha256((copy / MANIFEST_NAME).read_bytes()).hexdigest())
+    (copy / MANIFEST_DIGEST_NAME).write_text(sha256_file(copy / MANIFEST_NAME))
     with pytest.raises(BundleError, match="version 99 is not supported"):
         verify_bundle(copy)
     with pytest.raises(BundleError, match="unknown backend"):

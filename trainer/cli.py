@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="compile a run into a model bundle for stations")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--out", type=Path, required=True, help="bundle directory to create")
-    export.add_argument("--target", choices=["cpu", "tensorrt", "all"], default="cpu")
+    export.add_argument("--target", choices=["portable", "cpu", "tensorrt", "all"], default="cpu",
+                        help="portable: the torch.export program only; cpu: + AOTInductor package if faster; "
+                             "tensorrt: + TensorRT engines (on the GPU); all")
     export.add_argument("--max-batch", type=int, default=8)
 
     synth = sub.add_parser("synth", help="write sample synthetic anomalies as pictures")

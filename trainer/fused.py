@@ -19,8 +19,9 @@ def fixed_noise(seed: int, image_size: int) -> Tensor:
 
 
 def uint8_nhwc_to_unit_range(images: Tensor) -> Tensor:
-    """uint8 [B, H, W, 3] → float [B, 3, H, W] in [-1, 1]."""
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    """uint8 [B, H, W, 3] → float [B, 3, H, W] in [-1, 1]. Cast first: TensorRT wants a uint8
+    network input converted to float before any other layer touches it."""
+    return images.float().permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 class FusedInference(nn.Module):

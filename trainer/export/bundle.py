@@ -1,7 +1,8 @@
 """`trainer export`: a training run → a self-describing, verifiable model bundle directory.
 
-Always the portable torch.export program; `cpu` adds an AOTInductor package when it is faster
-here; `tensorrt` adds torch-tensorrt engines (built on the target GPU class)."""
+Always the portable torch.export program (runs on CPU and CUDA; `portable` stops there); `cpu`
+adds an AOTInductor package when it is faster here; `tensorrt` adds torch-tensorrt engines (built
+on the target GPU class); `all` both."""
 
 import shutil
 import time
@@ -22,7 +23,7 @@ from trainer.config import ConfigError
 from trainer.evaluate import load_run
 from trainer.export.program import export_fused
 
-Target = Literal["cpu", "tensorrt", "all"]
+Target = Literal["portable", "cpu", "tensorrt", "all"]
 PROGRAM = "model.pt2"
 AOTI_PACKAGE = "model.cpu.pt2"
 TENSORRT_PROGRAM = "model.trt.ep"

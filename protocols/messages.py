@@ -1,0 +1,130 @@
+"""Wire contracts, version 1: camera frames in over ZeroMQ, verdicts/status/errors out over MQTT.
+
+Frames: a two-part ZeroMQ message [header (UTF-8 JSON FrameHeader), payload (pixels or file)].
+MQTT topics under a prefix (default `inspection/<station_id>`):
+  <prefix>/<camera_id>/result  Result, QoS 1, one per accepted frame
+  <prefix>/status              Status, QoS 1, retained; the Last Will says `offline`
+  <prefix>/error               ErrorReport, QoS 1, one per rejected frame (or dropped, in `latest` mode)
+Subscribers de-duplicate results on (camera_id, frame_id): delivery is at least once.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+WIRE_VERSION = 1
+# A camera id is one MQTT topic level: no separators or wildcards.
+CAMERA_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=False).encode()
+
+
+class FrameHeader(_Message):
+    v: Literal[1] = WIRE_VERSION
+    camera_id: str = Field(pattern=CAMERA_ID_PATTERN)
+    frame_id: str = Field(min_length=1, max_length=128)
+    ts_ns: int = Field(ge=0, description="capture time, ns since the Unix epoch")
+    encoding: Literal["raw", "jpeg", "png"]
+    width: int = Field(gt=0, le=16384)
+    height: int = Field(gt=0, le=16384)
+    pixel_format: Literal["bgr8", "rgb8", "mono8"] | None = Field(None, description="raw frames only")
+    part_id: str | None = None
+    meta: dict | None = None
+
+    @model_validator(mode="after")
+    def _pixel_format_iff_raw(self) -> "FrameHeader":
+        if (self.encoding == "raw") != (self.pixel_format is not None):
+            raise ValueError("pixel_format is required for raw frames and only for them")
+        return self
+
+    @property
+    def raw_size(self) -> int:
+        """Bytes of a tightly packed raw payload."""
+        channels = 1 if self.pixel_format == "mono8" else 3
+        return self.width * self.height * channels
+
+
+class FrameError(ValueError):
+    """A frame that cannot be used; `reason` is what goes on the error topic."""
+
+
+def decode_header(data: bytes) -> FrameHeader:
+    try:
+        return FrameHeader.model_validate_json(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "header"
+        if first["type"] == "json_invalid":
+            raise FrameError(f"header is not valid JSON: {first['msg']}") from None
+        raise FrameError(f"header {where}: {first['msg']}") from None
+
+
+class ModelRef(_Message):
+    name: str
+    version: str
+    sha256: str = Field(description="sha256 of the bundle's manifest")
+
+
+class LatencyMs(_Message):
+    queue: float = Field(description="received → inference batch formed")
+    decode: float
+    infer: float = Field(description="the frame's inference batch")
+    post: float = Field(description="regions and mask encoding")
+    total: float = Field(description="received → handed to the outbox")
+
+
+class Region(_Message):
+    bbox: tuple[int, int, int, int] = Field(description="x, y, w, h in frame pixels")
+    area_px: int
+    max_score: float
+
+
+class Result(_Message):
+    v: Literal[1] = WIRE_VERSION
+    camera_id: str
+    frame_id: str
+    part_id: str | None
+    verdict: Literal["pass", "fail"]
+    score: float
+    threshold: float
+    ts_capture_ns: int
+    ts_result_ns: int
+    latency_ms: LatencyMs
+    model: ModelRef
+    regions: list[Region]
+    mask: str | None = Field(description="base64 PNG of the binary mask at frame resolution")
+    meta: dict | None = None
+
+
+class Status(_Message):
+    v: Literal[1] = WIRE_VERSION
+    state: Literal["online", "offline", "draining"]
+    station_id: str
+    model: ModelRef | None = None
+    backend: str | None = None
+    ts_ns: int
+
+
+class ErrorReport(_Message):
+    v: Literal[1] = WIRE_VERSION
+    reason: str
+    camera_id: str | None = None
+    frame_id: str | None = None
+    ts_ns: int
+
+
+def result_topic(prefix: str, camera_id: str) -> str:
+    return f"{prefix}/{camera_id}/result"
+
+
+def status_topic(prefix: str) -> str:
+    return f"{prefix}/status"
+
+
+def error_topic(prefix: str) -> str:
+    return f"{prefix}/error"

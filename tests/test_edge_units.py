@@ -1,0 +1,149 @@
+"""The daemon's pure parts: frame decoding, post-processing, queueing, settings, sd_notify."""
+
+import base64
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.frame_queue import FrameQueue
+from edge.frames import decode_message, to_model_input
+from edge.postprocess import find_regions, mask_png_base64, upscale_map
+from edge.settings import SettingsError, load_settings, reference_rows
+from edge.systemd import SystemdNotifier
+from protocols.messages import FrameError, FrameHeader
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def header(**fields) -> bytes:
+    base = {"camera_id": "cam0", "frame_id": "1", "ts_ns": 1, "encoding": "raw", "width": 4, "height": 3,
+            "pixel_format": "bgr8"}
+    return FrameHeader(**{**base, **fields}).encode()
+
+
+def test_raw_bgr_mono_and_encoded_frames_decode_to_rgb():
+    bgr = np.random.default_rng(0).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    _, rgb = decode_message([header(), bgr.tobytes()], 1 << 20)
+    assert np.array_equal(rgb, bgr[..., ::-1])
+    _, rgb = decode_message([header(pixel_format="rgb8"), bgr.tobytes()], 1 << 20)
+    assert np.array_equal(rgb, bgr)
+    _, rgb = decode_message([header(pixel_format="mono8"), bgr[..., 0].tobytes()], 1 << 20)
+    assert rgb.shape == (3, 4, 3) and np.array_equal(rgb[..., 1], bgr[..., 0])
+    png = cv2.imencode(".png", bgr)[1].tobytes()
+    _, rgb = decode_message([header(encoding="png", pixel_format=None), png], 1 << 20)
+    assert np.array_equal(rgb, bgr[..., ::-1])
+
+
+@pytest.mark.parametrize("parts, reason", [
+    ([b"{nope", b"x"], "not valid JSON"),
+    ([b'{"v": 1, "camera_id": "cam0"}', b"x"], "header frame_id"),
+    ([header(), b"\0" * 35], "needs 36"),
+    ([header(encoding="jpeg", pixel_format=None), b"\xff\xd8garbage"], "not a decodable JPEG"),
+    ([header(), b"\0" * 36, b"extra"], "3 parts"),
+    ([header(), b"\0" * 2000], "2000 bytes exceeds the limit of 1024"),
+    ([header().replace(b'"cam0"', b'"a/b"'), b"\0" * 36], "camera_id"),
+    ([header(encoding="png", pixel_format=None, width=5), cv2.imencode(".png", np.zeros((3, 4), np.uint8))[1].tobytes()],
+     "decoded image is 4x3, header says 5x3"),
+])
+def test_malformed_frames_are_rejected_with_a_reason(parts, reason):
+    with pytest.raises(FrameError, match=reason):
+        decode_message(parts, 1024)
+
+
+def test_model_input_resize_and_map_upscale_keep_shapes():
+    rgb = np.zeros((90, 120, 3), np.uint8)
+    assert to_model_input(rgb, 64, 64).shape == (64, 64, 3)
+    assert upscale_map(np.zeros((64, 64), np.float32), 90, 120).shape == (90, 120)
+
+
+def test_regions_are_connected_components_with_bbox_area_and_max_score():
+    frame_map = np.zeros((20, 30), np.float32)
+    frame_map[2:5, 3:9] = 0.7
+    frame_map[3, 4] = 0.95
+    frame_map[10:18, 20:22] = 0.6
+    frame_map[0, 29] = 0.9  # a single pixel, dropped by min_area
+    mask, regions = find_regions(frame_map, 0.5, min_area_px=2)
+    assert [(r.bbox, r.area_px, r.max_score) for r in regions] == [
+        ((3, 2, 6, 3), 18, pytest.approx(0.95)), ((20, 10, 2, 8), 16, pytest.approx(0.6))]
+    assert mask.sum() == 18 + 16 + 1
+    png = cv2.imdecode(np.frombuffer(base64.b64decode(mask_png_base64(mask)), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert png.shape == (20, 30) and set(np.unique(png)) == {0, 255}
+
+
+def test_latest_policy_drops_the_oldest_and_block_policy_waits():
+    latest: FrameQueue[int] = FrameQueue(2, "latest")
+    assert [latest.put(i) for i in range(4)] == [None, None, 0, 1]
+    assert latest.get_batch(8, 0.0, 0.1) == [2, 3]
+
+    blocking: FrameQueue[int] = FrameQueue(1, "block")
+    blocking.put(0)
+    entered = threading.Event()
+
+    def producer():
+        entered.set()
+        blocking.put(1)
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    entered.wait(5)
+    time.sleep(0.05)
+    assert thread.is_alive() and len(blocking) == 1, "put must wait while the queue is full"
+    assert blocking.get_batch(1, 0.0, 1.0) == [0]
+    thread.join(5)
+    assert blocking.get_batch(4, 0.0, 1.0) == [1]
+    assert blocking.get_batch(4, 0.0, 0.05) == []
+
+
+def test_micro_batch_waits_up_to_max_wait_for_more_frames():
+    q: FrameQueue[int] = FrameQueue(16, "block")
+    q.put(0)
+    threading.Timer(0.05, lambda: [q.put(i) for i in (1, 2)]).start()
+    assert q.get_batch(3, max_wait_s=2.0, idle_timeout_s=1.0) == [0, 1, 2]
+
+
+def test_settings_from_toml_and_environment(tmp_path, monkeypatch):
+    config = tmp_path / "edge.toml"
+    config.write_text('bundle = "/b"\nstation_id = "s1"\n[mqtt]\nport = 1999\n')
+    monkeypatch.setenv("EDGE_MQTT__PORT", "1884")
+    settings = load_settings(config)
+    assert (settings.mqtt.port, settings.topic_prefix, str(settings.bundle)) == (1884, "inspection/s1", "/b")
+    config.write_text('bundle = "/b"\n[mqtt]\nprot = 1\n')
+    with pytest.raises(SettingsError, match="mqtt.prot: unknown setting"):
+        load_settings(config)
+    monkeypatch.setenv("EDGE_MQTT__PORT", "not-a-port")
+    with pytest.raises(SettingsError, match="mqtt.port"):
+        load_settings(None, bundle="/b")
+
+
+def test_example_config_loads_and_readme_documents_every_setting():
+    example = Path(__file__).resolve().parents[1] / "configs" / "edge.toml"
+    assert load_settings(example).station_id == "line1-station3"
+    readme = README.read_text()
+    for key, env, default, _ in reference_rows():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{key}` |")), None)
+        assert row is not None, f"README configuration table lacks {key}"
+        assert f"`{env}`" in row and default in row, f"README row for {key} is stale: {row}"
+
+
+def test_sd_notify_sends_datagrams_to_the_notify_socket(tmp_path, monkeypatch):
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        server.settimeout(2)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "4000000")
+        notifier = SystemdNotifier()
+        assert notifier.watchdog_interval_s == 2.0
+        notifier.ready("ok")
+        notifier.watchdog()
+        assert server.recv(256) == b"READY=1\nSTATUS=ok"
+        assert server.recv(256) == b"WATCHDOG=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    SystemdNotifier().ready("no socket: a no-op")
+    assert os.environ.get("NOTIFY_SOCKET") is None

@@ -1,0 +1,86 @@
+"""TensorRT, checked statically on a CPU: every op of the fused graph has a torch-tensorrt
+converter, and the GPU-only modules import and fail clearly without torch-tensorrt."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from edge.runtime.tensorrt import TensorRTBackend
+from trainer.export.tensorrt import compile_tensorrt
+from trainer.export.trt_readiness import tensorrt_ops, unsupported_ops, validated_ops
+from trainer.method import MethodConfig
+from trainer.model import DiffusionAD
+from trainer.profiles import get_profile
+
+PROFILE = get_profile("tiny")
+
+
+def export_with_dynamic_batch(module: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """Strict export with a dynamic batch of 1..8, as tests/test_fused.py exports the fused graph."""
+    batch = torch.export.Dim("batch", min=1, max=8)
+    with torch.no_grad():
+        return torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=True)
+
+
+@pytest.fixture(scope="module")
+def fused_program() -> torch.export.ExportedProgram:
+    fused = DiffusionAD(PROFILE).fused(MethodConfig()).eval()
+    size = PROFILE.image_size
+    return export_with_dynamic_batch(fused, torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8))
+
+
+def test_the_op_list_names_the_torch_tensorrt_version_it_was_read_from():
+    facts = tensorrt_ops()
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", facts["torch_tensorrt_version"])
+    assert "aten::convolution.default" in facts["converters"]
+    assert facts["decompositions"]["enabled"] and facts["decompositions"]["disabled"]
+
+
+def test_every_op_of_the_fused_graph_has_a_tensorrt_converter(fused_program):
+    assert unsupported_ops(fused_program) == []
+
+
+def test_ops_with_capability_limits_are_listed_for_review(fused_program):
+    reviewed = validated_ops(fused_program)
+    assert "aten::topk.default" in reviewed  # k must be a constant <= 3840
+    assert set(reviewed) <= set(tensorrt_ops()["validated"])
+
+
+class ErfinvThenLog1p(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.erfinv(x).log1p()
+
+
+def test_ops_without_a_usable_converter_are_reported():
+    facts = tensorrt_ops()
+    # erfinv has no converter; log1p has one, but not for dynamic shapes.
+    assert not any(name.startswith("aten::erfinv") for name in facts["converters"])
+    assert "aten::log1p.default" in facts["static_shapes_only"]
+    example = torch.rand(2, 4)
+    assert unsupported_ops(export_with_dynamic_batch(ErfinvThenLog1p(), example)) == [
+        "aten::erfinv.default", "aten::log1p.default"]
+    assert unsupported_ops(torch.export.export(ErfinvThenLog1p(), (example,), strict=True)) == ["aten::erfinv.default"]
+
+
+IMPORT_WITHOUT_TORCH_TENSORRT = """
+import sys
+sys.modules["torch_tensorrt"] = None  # from here on `import torch_tensorrt` raises ImportError
+import edge.runtime.tensorrt
+import trainer.export.tensorrt
+"""
+
+
+def test_the_tensorrt_modules_import_without_torch_tensorrt():
+    subprocess.run([sys.executable, "-c", IMPORT_WITHOUT_TORCH_TENSORRT], check=True)
+
+
+def test_without_torch_tensorrt_the_backend_is_unavailable_and_compiling_says_what_to_do(
+        monkeypatch, fused_program, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)
+    assert not TensorRTBackend.available()
+    size = PROFILE.image_size
+    with pytest.raises(RuntimeError, match=re.escape("pip install '.[tensorrt]' on the GPU machine")):
+        compile_tensorrt(fused_program, size, size, 8, tmp_path / "model.trt.ep", "{}")
