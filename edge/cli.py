@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_serve(args: argparse.Namespace) -> int:
     from edge.daemon import Daemon
     from edge.logs import configure_logging
+    from edge.mqtt.outbox import OutboxError
     from edge.runtime.bundle import BundleError
     from edge.settings import SettingsError, load_settings
 
@@ -28,7 +29,7 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config)
         log = configure_logging(settings.log_level)
         daemon = Daemon(settings, log)
-    except (SettingsError, BundleError) as err:
+    except (SettingsError, BundleError, OutboxError) as err:
         print(f"edge serve: error: {err}", file=sys.stderr)
         return 2
     daemon.install_signal_handlers()

@@ -3,6 +3,8 @@
 import base64
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -147,3 +149,17 @@ def test_sd_notify_sends_datagrams_to_the_notify_socket(tmp_path, monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET")
     SystemdNotifier().ready("no socket: a no-op")
     assert os.environ.get("NOTIFY_SOCKET") is None
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('bundle = "/b"\nstation_id = "bad/id"\n', "station_id"),
+    ('bundle = "/nonexistent-bundle"\n', "/nonexistent-bundle: not a directory"),
+    ('bundle = "/b"\n[inference]\nbackpressure = "drop-everything"\n', "inference.backpressure"),
+])
+def test_edge_serve_refuses_bad_settings_in_one_line(tmp_path, content, expected):
+    config = tmp_path / "edge.toml"
+    config.write_text(content)
+    result = subprocess.run([sys.executable, "-m", "edge", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr

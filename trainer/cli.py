@@ -104,10 +104,11 @@ def run_synth(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from trainer.data.mvtec import DataError
+    from trainer.export.tensorrt import TensorRTUnavailable
 
     try:
         {"fit": run_fit, "eval": run_eval, "export": run_export, "synth": run_synth}[args.command](args)
-    except (ConfigError, DataError, FloatingPointError) as err:
+    except (ConfigError, DataError, FloatingPointError, TensorRTUnavailable) as err:
         print(f"trainer {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

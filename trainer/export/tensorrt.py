@@ -14,6 +14,10 @@ from torch.export.passes import move_to_device_pass
 
 from protocols.bundle import MANIFEST_NAME
 
+class TensorRTUnavailable(RuntimeError):
+    """torch-tensorrt cannot be imported on this machine."""
+
+
 NOT_INSTALLED = (
     "torch-tensorrt is not installed: pip install '.[tensorrt]' on the GPU machine; "
     "TensorRT engines must be built on the target device class"
@@ -51,7 +55,7 @@ def compile_tensorrt(
     try:
         import torch_tensorrt
     except ImportError:
-        raise RuntimeError(NOT_INSTALLED) from None
+        raise TensorRTUnavailable(NOT_INSTALLED) from None
     version = _major_minor(torch_tensorrt.__version__)
     image = (height, width, 3)
     inputs = [torch_tensorrt.Input(
