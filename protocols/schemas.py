@@ -10,9 +10,14 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from protocols.bundle import Manifest
+from protocols.messages import ErrorReport, FrameHeader, Result, Status
 
 CONTRACTS: dict[str, type[BaseModel]] = {
     "bundle-manifest": Manifest,
+    "frame-header": FrameHeader,
+    "result": Result,
+    "status": Status,
+    "error": ErrorReport,
 }
 
 
