@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Pinned so pip takes the CPU build (a bare `torch` can pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
+DEMO_TRAIN_TIME ?= 20m
 
-.PHONY: test test-fast demo bench clean
+.PHONY: test test-fast demo demo-model bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +20,25 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow"
 
-demo:
-	@echo "make demo: not available yet (tracked by the demo issue)"; exit 2
+# The demo replays the in-repo sample demo/hazelnut through the kept model demo/bundle.
+demo: $(VENV)/.demo-installed
+	$(PY) -m edge demo --bundle demo/bundle --images demo/hazelnut/test --out demo-output
+
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[demo]"
+	touch $@
+
+# Retrains and re-exports demo/bundle (kept in the repository) from the sample's good images.
+demo-model: $(VENV)/.installed
+	rm -rf build/demo-run demo/bundle
+	$(PY) -m trainer fit demo/hazelnut --out build/demo-run --config configs/demo.toml --time-limit $(DEMO_TRAIN_TIME)
+	$(PY) -m trainer eval build/demo-run demo/hazelnut --out build/demo-run/eval
+	$(PY) -m trainer export build/demo-run --out demo/bundle --target portable --max-batch 8
 
 bench: $(VENV)/.installed
 	$(PY) bench/model_cost.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/backends.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

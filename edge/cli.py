@@ -6,6 +6,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edge.demo import add_demo_arguments
     from edge.replay import add_replay_arguments
     from edge.watch import add_watch_arguments
 
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML settings (EDGE_* environment variables override)")
     add_replay_arguments(sub.add_parser("replay", help="send a folder of images or a video as camera frames"))
     add_watch_arguments(sub.add_parser("watch", help="print verdicts live from the MQTT broker"))
+    add_demo_arguments(sub.add_parser("demo", help="broker + daemon + replay of a labelled folder, with a summary"))
     return parser
 
 
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from edge.replay import run_replay
 
         return run_replay(args)
+    if args.command == "demo":
+        from edge.demo import run_demo
+
+        return run_demo(args)
     from edge.watch import run_watch
 
     return run_watch(args)

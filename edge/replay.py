@@ -153,11 +153,11 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder of images (searched recursively, sent in path order) or a video file")
     parser.add_argument("--connect", default="tcp://127.0.0.1:5555", metavar="tcp://HOST:PORT",
                         help="the daemon's frame endpoint (default: %(default)s)")
-    parser.add_argument("--fps", type=_positive_float,
+    parser.add_argument("--fps", type=positive_float,
                         help="frames per second (default: as fast as the daemon takes them)")
     parser.add_argument("--camera-id", type=_camera_id, default="cam0",
                         help="camera id in the frame headers (default: %(default)s)")
-    parser.add_argument("--limit", type=_positive_int, metavar="N", help="stop after N frames")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="stop after N frames")
     parser.add_argument("--encoding", choices=("file", "jpeg", "png", "raw"),
                         help="file: image files as they are (folder default); "
                              "jpeg (video default), png, raw: decode and re-encode")
@@ -181,13 +181,13 @@ def run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return int(text)
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     problem = argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     try:
         value = float(text)

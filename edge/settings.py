@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     station_id: str = Field("station", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="names this station")
     state_dir: Path = Field(Path("/var/lib/edge"), description="outbox database and other state")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
-    metrics_port: int | None = Field(9108, description="Prometheus endpoint on 127.0.0.1 (none: off)")
+    metrics_port: int = Field(9108, ge=0, lt=65536, description="Prometheus endpoint on 127.0.0.1 (0: off)")
     reload_watch: bool = Field(True, description="reload when the bundle's manifest changes (besides SIGHUP)")
     zmq: ZmqSettings = ZmqSettings()
     mqtt: MqttSettings = MqttSettings()
