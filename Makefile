@@ -11,7 +11,7 @@ DEMO_TRAIN_TIME ?= 20m
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[edge,trainer,dev]"
+	$(PY) -m pip install --quiet -e ".[edge,trainer,dev,demo]"
 	touch $@
 
 test: $(VENV)/.installed
@@ -21,12 +21,8 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow"
 
 # The demo replays the in-repo sample demo/hazelnut through the kept model demo/bundle.
-demo: $(VENV)/.demo-installed
+demo: $(VENV)/.installed
 	$(PY) -m edge demo --bundle demo/bundle --images demo/hazelnut/test --out demo-output
-
-$(VENV)/.demo-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[demo]"
-	touch $@
 
 # Retrains and re-exports demo/bundle (kept in the repository) from the sample's good images.
 demo-model: $(VENV)/.installed
