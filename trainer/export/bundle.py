@@ -27,6 +27,7 @@ Target = Literal["portable", "cpu", "tensorrt", "all"]
 PROGRAM = "model.pt2"
 AOTI_PACKAGE = "model.cpu.pt2"
 TENSORRT_PROGRAM = "model.trt.ep"
+AOTI_MIN_SPEEDUP = 1.05
 
 
 def images_per_second(run: Callable[[torch.Tensor], object], batch: torch.Tensor, repeats: int = 3) -> float:
@@ -98,7 +99,8 @@ def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int =
 
 
 def _aoti_if_faster(program: torch.export.ExportedProgram, staging: Path, size: int, max_batch: int) -> list[BundleFile]:
-    """Compile the AOTInductor package; keep it only if it beats the exported program here."""
+    """Compile the AOTInductor package; keep it only if it clearly beats the exported program here
+    (by more than the few-percent noise of a short timing on a shared machine)."""
     path = staging / AOTI_PACKAGE
     torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     compiled = torch._inductor.aoti_load_package(str(path))
@@ -107,9 +109,10 @@ def _aoti_if_faster(program: torch.export.ExportedProgram, staging: Path, size: 
                           generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         speedup = images_per_second(compiled, batch) / images_per_second(eager, batch)
+    keep = speedup >= AOTI_MIN_SPEEDUP
     print(f"AOTInductor package: {speedup:.2f}× the exported program at batch {max_batch} on this CPU "
-          f"({'kept' if speedup > 1 else 'dropped'})")
-    if speedup <= 1:
+          f"({'kept' if keep else 'dropped'})")
+    if not keep:
         path.unlink()
         return []
     return [BundleFile(path=AOTI_PACKAGE, format="aoti-package", target="cpu", sha256=sha256_file(path))]
