@@ -10,7 +10,7 @@ DEMO_TRAIN_TIME ?= 20m
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[edge,trainer,dev,demo]"
 	touch $@
 
