@@ -4,6 +4,7 @@ exported models, real signals. Every wait is bounded."""
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -227,10 +228,11 @@ def test_sigterm_publishes_every_queued_verdict_before_exit(bundles, hazelnut_di
         assert daemon.wait(60) == 0
         assert sorted(results_by_frame(sub, 10, 30)) == [f"{i:06d}" for i in range(10)]
         assert Status.model_validate_json(sub.messages(f"{PREFIX}/status")[-1].payload).state == "offline"
-    assert '"queued": 10' in daemon.log() or '"queued":10' in daemon.log(), daemon.log()
+    queued = re.search(r'"queued": ?(\d+)', daemon.log())
+    assert queued and int(queued[1]) > 0, "the frames must still have been queued at SIGTERM\n" + daemon.log()
 
 
-FRAMES = 400  # 20 s at 20 fps: the reload (verify, load, warm up) happens while frames keep coming
+FRAMES = 600  # 30 s at 20 fps: the reload (verify, load, warm up) happens while frames keep coming
 
 
 def test_sighup_swaps_the_model_under_load_without_losing_a_frame(bundles, hazelnut_dir, daemon_factory,
