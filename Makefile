@@ -35,6 +35,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/model_cost.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/backends.py
+	$(PY) bench/one_step_vs_iterative.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
