@@ -14,21 +14,13 @@ from pathlib import Path
 
 import torch
 
+from timing import images_per_second, random_images
 from trainer.export.program import export_fused
 from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
 from trainer.profiles import PROFILES
 
 BATCHES = (1, 8)
-
-
-def images_per_second(run, batch: torch.Tensor, seconds: float) -> float:
-    run(batch)  # warm-up
-    runs, start = 0, time.perf_counter()
-    while runs == 0 or time.perf_counter() - start < seconds:
-        run(batch)
-        runs += 1
-    return runs * batch.shape[0] / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
@@ -57,8 +49,7 @@ def main() -> None:
                        "aoti-cpu": (aoti, f"{compile_s:.0f}")}
             eager_b8 = None
             for backend, (run, compile_text) in runners.items():
-                rates = [images_per_second(run, torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8),
-                                           args.seconds) for b in BATCHES]
+                rates = [images_per_second(run, random_images(b, size), args.seconds) for b in BATCHES]
                 eager_b8 = eager_b8 or rates[-1]
                 print(f"| {name} | {backend} | " + " | ".join(f"{r:.2f}" for r in rates)
                       + f" | {rates[-1] / eager_b8:.2f}× | {compile_text} |", flush=True)

@@ -7,24 +7,14 @@ eager images/s at batch 1 and 8 on this machine, measured in one run.
 import argparse
 import os
 import platform
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from timing import images_per_second, random_images
 from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
 from trainer.profiles import PROFILES
-
-
-def images_per_second(fused: torch.nn.Module, batch: int, size: int, seconds: float) -> float:
-    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
-    fused(images)  # warm-up
-    runs, start = 0, time.perf_counter()
-    while runs == 0 or time.perf_counter() - start < seconds:
-        fused(images)
-        runs += 1
-    return runs * batch / (time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -45,7 +35,7 @@ def main() -> None:
         with FlopCounterMode(display=False) as counter:
             fused(torch.zeros((1, size, size, 3), dtype=torch.uint8))
         params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (model.denoiser, model.segmenter)]
-        rates = [images_per_second(fused, b, size, args.seconds) for b in (1, 8)]
+        rates = [images_per_second(fused, random_images(b, size), args.seconds) for b in (1, 8)]
         print(f"| {name} | {size}² | {params[0]:.2f} M | {params[1]:.2f} M | {counter.get_total_flops() / 1e9:.1f} "
               f"| {rates[0]:.2f} | {rates[1]:.2f} |", flush=True)
 

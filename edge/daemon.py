@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 import zmq
+from pydantic import ValidationError
 
 from edge.frame_queue import FrameQueue
 from edge.frames import Frame, decode_message, to_model_input
@@ -215,9 +216,9 @@ class Daemon:
         self.metrics.frames_rejected.inc()
         camera_id = frame_id = None
         try:  # name the frame if its header at least parses
-            header = FrameHeader.model_validate_json(parts[0].bytes) if parts else None
+            header = FrameHeader.model_validate_json(parts[0].bytes)
             camera_id, frame_id = header.camera_id, header.frame_id
-        except Exception:
+        except (IndexError, ValidationError):
             pass
         self.log.warning("frame_rejected", reason=reason, camera_id=camera_id, frame_id=frame_id)
         self.link.publish_error(ErrorReport(reason=reason, camera_id=camera_id, frame_id=frame_id,
