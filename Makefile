@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # Pinned so pip takes the CPU build (a bare `torch` can pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
 DEMO_TRAIN_TIME ?= 20m
+BENCH_ARGS ?=
 
 .PHONY: test test-fast demo demo-model bench clean
 
@@ -31,11 +32,10 @@ demo-model: $(VENV)/.installed
 	$(PY) -m trainer eval build/demo-run demo/hazelnut --out build/demo-run/eval
 	$(PY) -m trainer export build/demo-run --out demo/bundle --target portable --max-batch 8
 
+# Every benchmark in one run (≈25 min here); writes docs/benchmarks.md. BENCH_ARGS="--run RUN"
+# serves a trained run in the daemon benchmark instead of a 2-step model.
 bench: $(VENV)/.installed
-	$(PY) bench/model_cost.py
-	$(PY) bench/train_throughput.py
-	$(PY) bench/backends.py
-	$(PY) bench/one_step_vs_iterative.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,17 +1,18 @@
-"""Norm-guided one-step inference vs iterative DDPM reconstruction from t = 400 (same model, same
-images, eager fp32): images/s of each and their ratio, measured in one run on this machine.
-The iterative baseline reconstructs (t_b + 1 denoiser passes), then runs the same segmenter.
+"""Norm-guided one-step inference vs iterative DDPM reconstruction from t = t_b = 400: the same
+model, the same images, the same batch, both eager fp32 in this process. The iterative baseline
+reconstructs with t_b + 1 denoiser passes, then runs the same segmenter and top-K score.
 
     .venv/bin/python bench/one_step_vs_iterative.py [--profile small] [--images 2]
 """
 
 import argparse
-import os
-import platform
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from model_cost import gflop_per_image
+from timing import images_per_second
 from trainer.diffusion import ddpm_reconstruct, linear_alpha_bars, top_k_mean
 from trainer.fused import uint8_nhwc_to_unit_range
 from trainer.method import MethodConfig
@@ -19,11 +20,18 @@ from trainer.model import DiffusionAD
 from trainer.profiles import PROFILES
 
 
+def gflop(run, *inputs) -> float:
+    with FlopCounterMode(display=False) as counter:
+        run(*inputs)
+    return counter.get_total_flops() / 1e9
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="small", choices=list(PROFILES))
     parser.add_argument("--images", type=int, default=2, help="batch of images scored by both methods")
+    parser.add_argument("--seconds", type=float, default=5.0, help="minimum timing of the one-step method")
     args = parser.parse_args()
     method, profile = MethodConfig(), PROFILES[args.profile]
     torch.manual_seed(0)
@@ -32,26 +40,31 @@ def main() -> None:
     size = profile.image_size
     images = torch.randint(0, 256, (args.images, size, size, 3), dtype=torch.uint8)
     alpha_bars = linear_alpha_bars(method.num_timesteps, method.beta_start, method.beta_end)
+    passes = method.t_b + 1
 
-    def iterative() -> torch.Tensor:
-        x0 = uint8_nhwc_to_unit_range(images)
+    def iterative(batch: torch.Tensor) -> torch.Tensor:
+        x0 = uint8_nhwc_to_unit_range(batch)
         recon = ddpm_reconstruct(model.denoiser, x0, alpha_bars, method.t_b, torch.Generator().manual_seed(0))
         return top_k_mean(model.segmenter(torch.cat([x0, recon], dim=1))[:, 0], method.top_k)
 
-    fused(images)  # warm-up
+    one_step_rate = images_per_second(fused, images, args.seconds)
+    iterative(images[:1])  # warm-up
     start = time.perf_counter()
-    fused(images)
-    one_step = args.images / (time.perf_counter() - start)
-    start = time.perf_counter()
-    iterative()
+    iterative(images)
     iterative_rate = args.images / (time.perf_counter() - start)
-    print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, profile {args.profile}, "
-          f"batch {args.images}")
-    print("| method | denoiser passes / image | images/s |")
-    print("|---|---|---|")
-    print(f"| norm-guided one-step (t_s={method.t_s}, t_b={method.t_b}) | 2 | {one_step:.3f} |")
-    print(f"| iterative DDPM from t={method.t_b} | {method.t_b + 1} | {iterative_rate:.4f} |")
-    print(f"\none-step / iterative: {one_step / iterative_rate:.0f}×")
+    x = torch.zeros(1, 3, size, size)
+    pass_gflop = gflop(model.denoiser, x, torch.tensor([method.t_b]))
+    segmenter_gflop = gflop(model.segmenter, torch.cat([x, x], dim=1))
+    one_step_gflop = gflop_per_image(fused, size)
+    iterative_gflop = passes * pass_gflop + segmenter_gflop
+    print(f"### One step vs iterative ({args.profile}, batch {args.images})\n")
+    print("| method | denoiser passes / image | GFLOP / image | images/s |")
+    print("|---|---|---|---|")
+    print(f"| norm-guided one-step (t_s={method.t_s}, t_b={method.t_b}) | 2 | {one_step_gflop:.1f} "
+          f"| {one_step_rate:.3f} |")
+    print(f"| iterative DDPM from t={method.t_b} | {passes} | {iterative_gflop:.0f} | {iterative_rate:.4f} |")
+    print(f"\none-step / iterative: **{one_step_rate / iterative_rate:.0f}×** measured; the FLOP ratio, "
+          f"which bounds it when both use the hardware equally well, is {iterative_gflop / one_step_gflop:.0f}×.")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from edge.mqtt.link import MqttLink
 from edge.mqtt.outbox import Outbox
 from edge.postprocess import find_regions, mask_png_base64, upscale_map
 from edge.runtime.bundle import BundleError
-from edge.runtime.loader import LoadedModel, load_model
+from edge.runtime.loader import LoadedModel, load_model_in_own_thread
 from edge.settings import Settings
 from edge.systemd import SystemdNotifier
 from protocols.bundle import MANIFEST_DIGEST_NAME
@@ -56,7 +56,7 @@ class Daemon:
         self.log = logger or structlog.get_logger("edge")
         self.metrics = DaemonMetrics()
         self.notifier = SystemdNotifier()
-        self.model: LoadedModel = load_model(settings.bundle, settings.inference.backend)
+        self.model: LoadedModel = load_model_in_own_thread(settings.bundle, settings.inference.backend)
         self._model_lock = threading.Lock()
         self.outbox = Outbox(settings.state_dir)
         self.metrics.outbox_depth.set_function(lambda: len(self.outbox))
@@ -103,7 +103,8 @@ class Daemon:
         self.notifier.ready(f"serving {self.model_ref().name} {self.model_ref().version} "
                             f"on {self.model.backend.key}")
         self.log.info("ready", model=self.model_ref().model_dump(), backend=self.model.backend.key,
-                      images_per_second=round(self.model.images_per_second, 2), zmq=self.settings.zmq.bind,
+                      images_per_second={size: round(rate, 2) for size, rate in self.model.batch_rates.items()},
+                      batch=self.settings.inference.max_batch or self.model.best_batch, zmq=self.settings.zmq.bind,
                       mqtt=f"{self.settings.mqtt.host}:{self.settings.mqtt.port}", prefix=self.settings.topic_prefix)
         manifest_stamp = self._manifest_stamp()
         while not self._shutdown.wait(1.0 if self.notifier.watchdog_interval_s is None
@@ -133,7 +134,7 @@ class Daemon:
         """Load, verify and warm up the new bundle beside the old one; swap only if it works."""
         self.log.info("reload_started", bundle=str(self.settings.bundle))
         try:
-            new = load_model(self.settings.bundle, self.settings.inference.backend)
+            new = load_model_in_own_thread(self.settings.bundle, self.settings.inference.backend)
         except BundleError as err:
             self.metrics.reloads.labels("refused").inc()
             self.log.error("reload_refused", reason=str(err), still_serving=self.model_ref().model_dump())
@@ -231,7 +232,7 @@ class Daemon:
             self._beats["inference"] = time.monotonic()
             with self._model_lock:
                 model = self.model
-            max_batch = min(cfg.max_batch, model.bundle.manifest.input.max_batch)
+            max_batch = min(cfg.max_batch or model.best_batch, model.bundle.manifest.input.max_batch)
             batch = self.queue.get_batch(max_batch, cfg.max_wait_ms / 1000, IDLE_TIMEOUT_S)
             if batch:
                 self._process(batch, model)

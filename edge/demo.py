@@ -182,17 +182,23 @@ def choose_broker(choice: str, workdir: Path) -> Broker:
 class StationProcess:
     """`edge serve` as a subprocess with a demo configuration; its log goes to `log_path`."""
 
-    def __init__(self, bundle: Path, broker: Broker, workdir: Path, log_path: Path) -> None:
+    def __init__(self, bundle: Path, broker: Broker, workdir: Path, log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
         self._config = workdir / "edge.toml"
         self._config.write_text(_station_config(bundle, workdir / "state", self.endpoint, _free_port(), broker))
         self.log_path = log_path
+        self._env = {**os.environ, **(env or {})}  # EDGE_* variables override the config file
         self._process: subprocess.Popen | None = None
 
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen([sys.executable, "-m", "edge", "serve", "--config", str(self._config)],
-                                             stdout=log, stderr=log)
+                                             stdout=log, stderr=log, env=self._env)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     def check_running(self) -> None:
         if self._process.poll() is not None:

@@ -44,7 +44,8 @@ class MqttSettings(_Section):
 
 class InferenceSettings(_Section):
     backend: str = Field("auto", description="auto, exported-cpu, exported-cuda, aoti-cpu or tensorrt")
-    max_batch: int = Field(8, gt=0, description="frames per inference batch (at most the bundle's max)")
+    max_batch: int | None = Field(None, gt=0, description="frames per inference batch (at most the bundle's "
+                                  "max); default: the fastest size measured at load")
     max_wait_ms: float = Field(5.0, ge=0, description="longest wait to fill a batch")
     backpressure: Literal["block", "latest"] = Field(
         "block", description="block: never drop (pressure reaches the sender); latest: drop oldest queued")

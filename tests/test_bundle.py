@@ -12,7 +12,7 @@ from conftest import hazelnut_images
 from edge.runtime.aoti import AotiCpuBackend
 from edge.runtime.bundle import BundleError, verify_bundle
 from edge.runtime.exported import ExportedCpuBackend
-from edge.runtime.loader import load_model
+from edge.runtime.loader import batch_sizes, load_model
 from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest, sha256_file
 from trainer.cli import main
 from trainer.evaluate import load_run
@@ -42,29 +42,26 @@ def test_manifest_describes_the_bundle(bundle: Path, tiny_run: Path):
     assert manifest.input.height == manifest.input.width == 64 and manifest.input.max_batch == 4
     assert (manifest.method.t_s, manifest.method.t_b, manifest.method.top_k) == (200, 400, 50)
     assert manifest.thresholds.image == thresholds["false_reject_rate"]["image"]
-    assert manifest.files[0].format == "torch.export"
+    assert [(f.path, f.format) for f in manifest.files] == [("model.pt2", "torch.export"),
+                                                            ("model.cpu.pt2", "aoti-package")]
     assert len(manifest.provenance.data_fingerprint) == 64
     assert "validation_image_auroc" in manifest.metrics
     assert not list(bundle.parent.glob(".*partial")), "staging directory left behind"
 
 
-def backends_here(bundle: Path, tmp_path: Path):
-    """Every backend that runs on this machine, each on its file (an AOT package is compiled
-    here if export dropped it as slower, so its parity is still checked)."""
+def backends_here(bundle: Path):
+    """Every backend that runs on this machine, each on its file."""
     manifest = verify_bundle(bundle).manifest
     yield ExportedCpuBackend(bundle / "model.pt2", manifest)
     aoti = bundle / "model.cpu.pt2"
-    if not aoti.exists():
-        aoti = tmp_path / "model.cpu.pt2"
-        torch._inductor.aoti_compile_and_package(torch.export.load(bundle / "model.pt2"), package_path=str(aoti))
     yield AotiCpuBackend(aoti, manifest)
 
 
-def test_every_backend_matches_eager_with_identical_verdicts(bundle, eager_reference, tmp_path):
+def test_every_backend_matches_eager_with_identical_verdicts(bundle, eager_reference):
     images, ref_maps, ref_scores = eager_reference
     threshold = verify_bundle(bundle).manifest.thresholds.image
     checked = []
-    for backend in backends_here(bundle, tmp_path):
+    for backend in backends_here(bundle):
         for batch in (images[:1], images):
             maps, scores = backend.infer(batch)
             n = len(batch)
@@ -78,11 +75,19 @@ def test_every_backend_matches_eager_with_identical_verdicts(bundle, eager_refer
 def test_auto_picks_a_warmed_up_backend(bundle, eager_reference):
     model = load_model(bundle, "auto")
     assert model.backend.key in ("exported-cpu", "aoti-cpu") and model.images_per_second > 0
+    assert list(model.batch_rates) == batch_sizes(4) and all(rate > 0 for rate in model.batch_rates.values())
+    assert model.images_per_second == max(model.batch_rates.values())
+    assert model.batch_rates[model.best_batch] == model.images_per_second
     images, _, ref_scores = eager_reference
     np.testing.assert_allclose(model.infer(images)[1], ref_scores, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["manifest.json", "manifest.sha256", "model.pt2"])
+@pytest.mark.parametrize(("max_batch", "sizes"), [(1, [1]), (2, [1, 2]), (6, [1, 2, 4, 6]), (8, [1, 2, 4, 8])])
+def test_batch_sizes_timed_at_load_are_powers_of_two_and_the_maximum(max_batch, sizes):
+    assert batch_sizes(max_batch) == sizes
+
+
 def test_a_one_byte_change_to_any_file_is_refused_naming_it(bundle, tmp_path, name):
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)

@@ -1,12 +1,10 @@
 """`trainer export`: a training run → a self-describing, verifiable model bundle directory.
 
 Always the portable torch.export program (runs on CPU and CUDA; `portable` stops there); `cpu`
-adds an AOTInductor package when it is faster here; `tensorrt` adds torch-tensorrt engines (built
+adds an AOTInductor package (the station loads both and keeps the faster); `tensorrt` adds torch-tensorrt engines (built
 on the target GPU class); `all` both."""
 
 import shutil
-import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -21,21 +19,13 @@ from protocols.bundle import (
 from trainer import run_dir as files
 from trainer.config import ConfigError
 from trainer.evaluate import load_run
+from trainer.export.aoti import compile_aoti_package
 from trainer.export.program import export_fused
 
 Target = Literal["portable", "cpu", "tensorrt", "all"]
 PROGRAM = "model.pt2"
 AOTI_PACKAGE = "model.cpu.pt2"
 TENSORRT_PROGRAM = "model.trt.ep"
-AOTI_MIN_SPEEDUP = 1.05
-
-
-def images_per_second(run: Callable[[torch.Tensor], object], batch: torch.Tensor, repeats: int = 3) -> float:
-    run(batch)  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run(batch)
-    return repeats * batch.shape[0] / (time.perf_counter() - start)
 
 
 def _metrics(run: Path) -> dict[str, float | None]:
@@ -65,7 +55,7 @@ def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int =
         torch.export.save(program, staging / PROGRAM)
         entries = [BundleFile(path=PROGRAM, format="torch.export", target="cpu", sha256=sha256_file(staging / PROGRAM))]
         if target in ("cpu", "all"):
-            entries += _aoti_if_faster(program, staging, model.image_size, max_batch)
+            entries += _aoti_package(program, staging)
         manifest = Manifest(
             model=ModelIdentity(name=run.resolve().name,
                                 version=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")),
@@ -98,21 +88,8 @@ def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int =
     return manifest
 
 
-def _aoti_if_faster(program: torch.export.ExportedProgram, staging: Path, size: int, max_batch: int) -> list[BundleFile]:
-    """Compile the AOTInductor package; keep it only if it clearly beats the exported program here
-    (by more than the few-percent noise of a short timing on a shared machine)."""
-    path = staging / AOTI_PACKAGE
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-    compiled = torch._inductor.aoti_load_package(str(path))
-    eager = program.module()
-    batch = torch.randint(0, 256, (max_batch, size, size, 3), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        speedup = images_per_second(compiled, batch) / images_per_second(eager, batch)
-    keep = speedup >= AOTI_MIN_SPEEDUP
-    print(f"AOTInductor package: {speedup:.2f}× the exported program at batch {max_batch} on this CPU "
-          f"({'kept' if keep else 'dropped'})")
-    if not keep:
-        path.unlink()
-        return []
+def _aoti_package(program: torch.export.ExportedProgram, staging: Path) -> list[BundleFile]:
+    """Kept beside the portable program whatever its speed here: the station times both at every
+    batch size when it loads the bundle and runs the faster one on its own CPU."""
+    path = compile_aoti_package(program, staging / AOTI_PACKAGE)
     return [BundleFile(path=AOTI_PACKAGE, format="aoti-package", target="cpu", sha256=sha256_file(path))]
