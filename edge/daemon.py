@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import structlog
 import zmq
@@ -54,6 +55,9 @@ class Daemon:
     def __init__(self, settings: Settings, logger: structlog.stdlib.BoundLogger | None = None):
         self.settings = settings
         self.log = logger or structlog.get_logger("edge")
+        # OpenCV's worker threads would compete with the inference thread's OpenMP workers for the
+        # cores (0.89 → 0.91 of the bare backend's throughput, bench/daemon_vs_bare.py).
+        cv2.setNumThreads(1)
         self.metrics = DaemonMetrics()
         self.notifier = SystemdNotifier()
         self.model: LoadedModel = load_model_in_own_thread(settings.bundle, settings.inference.backend)
