@@ -3,12 +3,14 @@
 Threads:
   main      signals, systemd READY/WATCHDOG/STOPPING, reload triggers, shutdown sequence
   receiver  ZeroMQ → validate/decode/resize → FrameQueue (rejections → error topic)
-  inference FrameQueue → micro-batch → backend → verdict/regions/mask → outbox (durable)
+  inference FrameQueue → micro-batch → backend → hand-off (≤ PUBLISH_BACKLOG_BATCHES batches)
+  publisher hand-off → verdict/regions/mask per frame → outbox (durable)
   mqtt      (paho + outbox sender, in MqttLink) outbox → broker, removed on acknowledgement
 A frame counts as accepted once it is in the FrameQueue; its verdict is in the outbox (on disk)
 before the frame is forgotten, and leaves the outbox only when the broker acknowledged it.
 """
 
+import queue
 import signal
 import threading
 import time
@@ -39,6 +41,7 @@ POLL_MS = 100           # receiver wakes this often to notice shutdown
 IDLE_TIMEOUT_S = 0.5    # inference loop heartbeat when no frames arrive
 STALL_S = 30.0          # a thread silent this long means the pipeline is stuck: stop WATCHDOG=1
 DRAIN_TIMEOUT_S = 30.0  # on SIGTERM, wait this long for the broker to take pending verdicts
+PUBLISH_BACKLOG_BATCHES = 2  # inferred batches waiting for post-processing and the outbox
 
 
 def _ms(start_ns: int, end_ns: int) -> float:
@@ -49,6 +52,17 @@ def _ms(start_ns: int, end_ns: int) -> float:
 class QueuedFrame:
     frame: Frame
     queued_ns: int
+
+
+@dataclass
+class InferredBatch:
+    """What the inference thread hands the publisher: the frames and the model's answer."""
+    batch: list[QueuedFrame]
+    maps: np.ndarray
+    scores: np.ndarray
+    model: LoadedModel
+    start_ns: int
+    inferred_ns: int
 
 
 class Daemon:
@@ -68,12 +82,17 @@ class Daemon:
         self.queue: FrameQueue[QueuedFrame] = FrameQueue(settings.inference.queue_size,
                                                           settings.inference.backpressure)
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
-        self._shutdown = threading.Event()       # stop taking new frames, then drain
-        self._receiver_done = threading.Event()  # no more frames will enter the queue
+        # Post-processing and the durable write run on their own thread, so the backend goes on
+        # to the next batch meanwhile; a small hand-off keeps memory bounded and the pressure on.
+        self._inferred: queue.Queue[InferredBatch] = queue.Queue(maxsize=PUBLISH_BACKLOG_BATCHES)
+        self._shutdown = threading.Event()        # stop taking new frames, then drain
+        self._receiver_done = threading.Event()   # no more frames will enter the queue
+        self._inference_done = threading.Event()  # no more batches will reach the publisher
         self._reload = threading.Event()
-        self._beats = {"receiver": time.monotonic(), "inference": time.monotonic()}
+        self._beats = {name: time.monotonic() for name in ("receiver", "inference", "publisher")}
         self._threads = [threading.Thread(target=self._receive_loop, name="receiver", daemon=True),
-                         threading.Thread(target=self._inference_loop, name="inference", daemon=True)]
+                         threading.Thread(target=self._inference_loop, name="inference", daemon=True),
+                         threading.Thread(target=self._publish_loop, name="publisher", daemon=True)]
 
     # ---- identity ----------------------------------------------------------------------------
     def model_ref(self, model: LoadedModel | None = None) -> ModelRef:
@@ -232,18 +251,21 @@ class Daemon:
     # ---- inference ---------------------------------------------------------------------------
     def _inference_loop(self) -> None:
         cfg = self.settings.inference
-        while True:
-            self._beats["inference"] = time.monotonic()
-            with self._model_lock:
-                model = self.model
-            max_batch = min(cfg.max_batch or model.best_batch, model.bundle.manifest.input.max_batch)
-            batch = self.queue.get_batch(max_batch, cfg.max_wait_ms / 1000, IDLE_TIMEOUT_S)
-            if batch:
-                self._process(batch, model)
-            elif self._receiver_done.is_set() and not len(self.queue):
-                return
+        try:
+            while True:
+                self._beats["inference"] = time.monotonic()
+                with self._model_lock:
+                    model = self.model
+                max_batch = min(cfg.max_batch or model.best_batch, model.bundle.manifest.input.max_batch)
+                batch = self.queue.get_batch(max_batch, cfg.max_wait_ms / 1000, IDLE_TIMEOUT_S)
+                if batch:
+                    self._inferred.put(self._infer(batch, model))  # waits while the publisher is behind
+                elif self._receiver_done.is_set() and not len(self.queue):
+                    return
+        finally:
+            self._inference_done.set()
 
-    def _process(self, batch: list[QueuedFrame], model: LoadedModel) -> None:
+    def _infer(self, batch: list[QueuedFrame], model: LoadedModel) -> InferredBatch:
         spec = model.bundle.manifest.input
         start = time.monotonic_ns()
         inputs = np.stack([
@@ -251,21 +273,36 @@ class Daemon:
             else to_model_input(q.frame.rgb, spec.height, spec.width)  # frame queued before a model swap
             for q in batch])
         maps, scores = model.infer(inputs)
-        inferred = time.monotonic_ns()
+        return InferredBatch(batch, maps, scores, model, start, time.monotonic_ns())
+
+    # ---- publisher ---------------------------------------------------------------------------
+    def _publish_loop(self) -> None:
+        while True:
+            self._beats["publisher"] = time.monotonic()
+            try:
+                inferred = self._inferred.get(timeout=IDLE_TIMEOUT_S)
+            except queue.Empty:
+                if self._inference_done.is_set() and self._inferred.empty():
+                    return
+                continue
+            self._publish(inferred)
+
+    def _publish(self, inferred: InferredBatch) -> None:
         cfg = self.settings.inference
-        thresholds = model.bundle.manifest.thresholds
+        thresholds = inferred.model.bundle.manifest.thresholds
         image_threshold = thresholds.image if cfg.image_threshold is None else cfg.image_threshold
         pixel_threshold = thresholds.pixel if cfg.pixel_threshold is None else cfg.pixel_threshold
-        ref = self.model_ref(model)
-        for queued, anomaly_map, score in zip(batch, maps, scores):
+        ref = self.model_ref(inferred.model)
+        for queued, anomaly_map, score in zip(inferred.batch, inferred.maps, inferred.scores):
             frame, header = queued.frame, queued.frame.header
             post_start = time.monotonic_ns()
             frame_map = upscale_map(anomaly_map, header.height, header.width)
             mask, regions = find_regions(frame_map, pixel_threshold, cfg.min_region_px)
             encoded_mask = mask_png_base64(mask) if self.settings.result.include_mask else None
             done = time.monotonic_ns()
-            latency = LatencyMs(queue=_ms(queued.queued_ns, start), decode=frame.decode_ms, infer=_ms(start, inferred),
-                                post=_ms(post_start, done), total=_ms(frame.received_ns, done))
+            latency = LatencyMs(queue=_ms(queued.queued_ns, inferred.start_ns), decode=frame.decode_ms,
+                                infer=_ms(inferred.start_ns, inferred.inferred_ns), post=_ms(post_start, done),
+                                total=_ms(frame.received_ns, done))
             verdict = "fail" if score >= image_threshold else "pass"
             result = Result(camera_id=header.camera_id, frame_id=header.frame_id, part_id=header.part_id,
                             verdict=verdict, score=round(float(score), 6), threshold=image_threshold,

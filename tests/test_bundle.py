@@ -82,12 +82,12 @@ def test_auto_picks_a_warmed_up_backend(bundle, eager_reference):
     np.testing.assert_allclose(model.infer(images)[1], ref_scores, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["manifest.json", "manifest.sha256", "model.pt2"])
 @pytest.mark.parametrize(("max_batch", "sizes"), [(1, [1]), (2, [1, 2]), (6, [1, 2, 4, 6]), (8, [1, 2, 4, 8])])
 def test_batch_sizes_timed_at_load_are_powers_of_two_and_the_maximum(max_batch, sizes):
     assert batch_sizes(max_batch) == sizes
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "manifest.sha256", "model.pt2", "model.cpu.pt2"])
 def test_a_one_byte_change_to_any_file_is_refused_naming_it(bundle, tmp_path, name):
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
