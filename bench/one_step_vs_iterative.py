@@ -9,21 +9,14 @@ import argparse
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from model_cost import gflop_per_image
+from model_cost import gflop, gflop_per_image
 from timing import images_per_second
 from trainer.diffusion import ddpm_reconstruct, linear_alpha_bars, top_k_mean
 from trainer.fused import uint8_nhwc_to_unit_range
 from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
 from trainer.profiles import PROFILES
-
-
-def gflop(run, *inputs) -> float:
-    with FlopCounterMode(display=False) as counter:
-        run(*inputs)
-    return counter.get_total_flops() / 1e9
 
 
 @torch.inference_mode()
