@@ -28,15 +28,14 @@ import cv2
 import numpy as np
 
 from timing import images_per_second
-from edge.demo import Feed, MosquittoBroker, StationProcess, find_mosquitto, PREFIX
+from edge.demo import PREFIX, Feed, MosquittoBroker, StationProcess, find_mosquitto, wait_until_online
 from edge.frames import to_model_input
 from edge.runtime.loader import load_model
-from protocols.messages import Result, Status, result_topic, status_topic
+from protocols.messages import Result, result_topic
 from protocols.publisher import FramePublisher
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "demo" / "hazelnut"
-ONLINE_TIMEOUT_S = 300.0
 RESULT_TIMEOUT_S = 60.0  # no verdict for this long: the daemon is stuck; stop the benchmark
 SEND_TIMEOUT_MS = 60_000
 
@@ -57,19 +56,6 @@ def camera_frames(folder: Path) -> list[np.ndarray]:
     """BGR frames as a camera would deliver them (the sample's 512² pictures)."""
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
     return [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths]
-
-
-def wait_online(feed: Feed, station: StationProcess) -> None:
-    deadline = time.monotonic() + ONLINE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        station.check_running()
-        try:
-            message = feed.inbox.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if message.topic == status_topic(PREFIX) and Status.model_validate_json(message.payload).state == "online":
-            return
-    raise TimeoutError(f"edge serve not online within {ONLINE_TIMEOUT_S:.0f} s:\n{station.log_tail()}")
 
 
 def send_and_collect(feed: Feed, station: StationProcess, frames: list[np.ndarray], count: int, camera_id: str,
@@ -152,7 +138,7 @@ def main() -> None:
         try:
             feed.start()
             station.start()
-            wait_online(feed, station)
+            wait_until_online(feed, station, show=False)
             # This machine's speed drifts by several percent over minutes: each saturation run is
             # compared with bare timings taken just before and just after it (the daemon idles).
             bare = [images_per_second(model.infer, inputs, args.seconds)]

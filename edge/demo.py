@@ -257,8 +257,9 @@ class Feed:
             client.subscribe([(result_topic(PREFIX, "+"), 1), (status_topic(PREFIX), 1), (error_topic(PREFIX), 1)])
 
 
-def wait_until_online(feed: Feed, station: StationProcess) -> None:
-    """Until the daemon's `online` status arrives (it comes only once the model is warmed up)."""
+def wait_until_online(feed: Feed, station: StationProcess, show: bool = True) -> None:
+    """Until the daemon's `online` status arrives (it comes only once the model is warmed up);
+    `show` prints the messages that arrive meanwhile."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         station.check_running()
@@ -266,7 +267,8 @@ def wait_until_online(feed: Feed, station: StationProcess) -> None:
             message = feed.inbox.get(timeout=0.5)
         except queue.Empty:
             continue
-        print(format_message(PREFIX, message.topic, message.payload)[0], flush=True)
+        if show:
+            print(format_message(PREFIX, message.topic, message.payload)[0], flush=True)
         if message.topic == status_topic(PREFIX) and _is_online(message.payload):
             return
     raise DemoError(f"edge serve was not online within {READY_TIMEOUT_S:.0f} s:\n{station.log_tail()}")
