@@ -1,8 +1,8 @@
 """`trainer export`: a training run → a self-describing, verifiable model bundle directory.
 
 Always the portable torch.export program (runs on CPU and CUDA; `portable` stops there); `cpu`
-adds an AOTInductor package (the station loads both and keeps the faster); `tensorrt` adds torch-tensorrt engines (built
-on the target GPU class); `all` both."""
+adds an AOTInductor package (the station times both when it loads the bundle and runs the
+faster); `tensorrt` adds torch-tensorrt engines (built on the target GPU class); `all` both."""
 
 import shutil
 from datetime import datetime, timezone
