@@ -32,7 +32,7 @@ demo-model: $(VENV)/.installed
 	$(PY) -m trainer eval build/demo-run demo/hazelnut --out build/demo-run/eval
 	$(PY) -m trainer export build/demo-run --out demo/bundle --target portable --max-batch 8
 
-# Every benchmark in one run (≈25 min here); writes docs/benchmarks.md. BENCH_ARGS="--run RUN"
+# Every benchmark in one run (12 min here); writes docs/benchmarks.md. BENCH_ARGS="--run RUN"
 # serves a trained run in the daemon benchmark instead of a 2-step model.
 bench: $(VENV)/.installed
 	$(PY) bench/run_all.py $(BENCH_ARGS)
