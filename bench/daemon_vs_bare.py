@@ -3,18 +3,18 @@
 1. Bare: the bundle's backend and micro-batch size, chosen as `edge serve` chooses them (the
    fastest measured at load), on batches of model-size frames, in this process.
 2. Saturation: `edge serve` as a subprocess (told that backend and batch size, other settings at
-   their defaults) takes real camera-size frames (raw bgr8) over ZeroMQ as fast as it accepts them and
-   publishes every verdict (mask PNG included) through its durable outbox to a real mosquitto;
-   a subscriber counts them. Throughput is taken in the steady state (first batch excluded).
+   their defaults) takes real camera-size frames (raw bgr8) over ZeroMQ as fast as it accepts
+   them and publishes every verdict (mask PNG included) through its durable outbox to a real
+   mosquitto; a subscriber counts them. Throughput is taken in the steady state (from the end of
+   the first batch). Three such runs, each between two bare timings: this machine drifts.
 3. A camera's fixed frame rate (half the saturation rate): latency from the frame's capture
    timestamp to the verdict arriving at the subscriber, p50 and p99.
 4. The daemon's peak RSS (VmHWM) at the end.
 
-    .venv/bin/python bench/daemon_vs_bare.py [--run RUN] [--frames 160]
+    .venv/bin/python bench/daemon_vs_bare.py [--run RUN] [--rounds 3] [--frames 96]
 
 Without --run, a `small` model is trained for two steps on the in-repo sample (speed does not
-depend on the weights) and exported with `trainer export --target cpu`.
-"""
+depend on the weights) and exported with `trainer export --target cpu"""
 
 import argparse
 import queue
@@ -36,7 +36,7 @@ from protocols.publisher import FramePublisher
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "demo" / "hazelnut"
-RESULT_TIMEOUT_S = 60.0  # no verdict for this long: the daemon is stuck; stop the benchmark
+RESULT_TIMEOUT_S = 60.0  # every verdict is due this long after the last frame went out
 SEND_TIMEOUT_MS = 60_000
 
 
