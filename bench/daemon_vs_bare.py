@@ -14,7 +14,8 @@
     .venv/bin/python bench/daemon_vs_bare.py [--run RUN] [--rounds 3] [--frames 96]
 
 Without --run, a `small` model is trained for two steps on the in-repo sample (speed does not
-depend on the weights) and exported with `trainer export --target cpu"""
+depend on the weights) and exported with `trainer export --target cpu`.
+"""
 
 import argparse
 import queue
