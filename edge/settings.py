@@ -15,10 +15,16 @@ class _Section(BaseModel):
 
 class ZmqSettings(_Section):
     bind: str = Field("tcp://127.0.0.1:5555", description="PULL endpoint cameras connect to (pull mode)")
-    mode: Literal["pull", "sub"] = Field("pull", description="pull: cameras push to us; sub: we subscribe")
+    mode: Literal["pull", "sub"] = Field("pull", description="pull: cameras push to us (never drops); sub: we "
+                                         "subscribe (lossy: ZeroMQ drops at the high-water mark, counted as gaps)")
     connect: list[str] = Field(default_factory=list, description="camera PUB endpoints (sub mode, fan-out)")
-    rcvhwm: int = Field(16, gt=0, description="receive high-water mark (frames buffered in ZeroMQ)")
-    max_payload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger frames are rejected")
+    rcvhwm: int = Field(4, gt=0, description="receive high-water mark (messages buffered in ZeroMQ per camera)")
+    max_payload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="ZeroMQ MAXMSGSIZE: a larger message part "
+                                   "is refused by ZeroMQ before it is allocated (the camera's connection is reset)")
+    max_header_bytes: int = Field(64 * 1024, gt=0, description="larger headers are rejected unparsed")
+    max_meta_bytes: int = Field(16 * 1024, ge=0, description="larger `meta` (as compact JSON) is rejected")
+    max_pixels: int = Field(64_000_000, gt=0, description="frames declaring more pixels are rejected before "
+                            "decoding (JPEG/PNG: the size in the file's own header)")
 
 
 class TlsSettings(_Section):
@@ -42,8 +48,13 @@ class MqttSettings(_Section):
     max_inflight: int = Field(64, gt=0, description="QoS 1 messages awaiting acknowledgement")
 
 
+# The keys of edge.runtime.loader.BACKENDS (a test keeps them equal; torch is not imported here).
+BackendChoice = Literal["auto", "tensorrt", "exported-cuda", "aoti-cpu", "exported-cpu"]
+
+
 class InferenceSettings(_Section):
-    backend: str = Field("auto", description="auto, exported-cpu, exported-cuda, aoti-cpu or tensorrt")
+    backend: BackendChoice = Field("auto", description="auto (the fastest this machine runs), tensorrt, "
+                                   "exported-cuda, aoti-cpu or exported-cpu")
     max_batch: int | None = Field(None, gt=0, description="frames per inference batch (at most the bundle's "
                                   "max); default: the fastest size measured at load")
     max_wait_ms: float = Field(5.0, ge=0, description="longest wait to fill a batch")
@@ -53,6 +64,13 @@ class InferenceSettings(_Section):
     image_threshold: float | None = Field(None, description="override the bundle's image threshold")
     pixel_threshold: float | None = Field(None, description="override the bundle's pixel threshold")
     min_region_px: int = Field(1, ge=1, description="smaller connected regions are not reported")
+
+
+class OutboxSettings(_Section):
+    max_messages: int = Field(100_000, gt=0, description="pending messages kept while the broker is away; "
+                              "beyond it the oldest are discarded (and reported)")
+    max_bytes: int = Field(1024 ** 3, gt=0, description="payload bytes kept while the broker is away; beyond "
+                           "it the oldest are discarded (and reported)")
 
 
 class ResultSettings(_Section):
@@ -71,6 +89,7 @@ class Settings(BaseSettings):
     zmq: ZmqSettings = ZmqSettings()
     mqtt: MqttSettings = MqttSettings()
     inference: InferenceSettings = InferenceSettings()
+    outbox: OutboxSettings = OutboxSettings()
     result: ResultSettings = ResultSettings()
 
     @model_validator(mode="after")

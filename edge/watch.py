@@ -23,19 +23,23 @@ def format_result_line(result: Result, color: bool = False) -> str:
     verdict = result.verdict.upper()
     if color:
         verdict = f"{GREEN if result.verdict == 'pass' else RED}{verdict}{RESET}"
+    score = "n/a" if result.score is None else f"{result.score:.3f}"
+    flags = f"  flags {','.join(result.flags)}" if result.flags else ""
     return (f"{_clock(result.ts_result_ns)}  {result.camera_id:<8} {result.frame_id:<8} {result.part_id or '-':<10} "
-            f"{verdict}  score {result.score:.3f} / {result.threshold:.3f}  regions {len(result.regions)}  "
-            f"total {result.latency_ms.total:.1f} ms  model {result.model.version}")
+            f"{verdict}  score {score} / {result.threshold:.3f}  regions {len(result.regions)}  "
+            f"total {result.latency_ms.total:.1f} ms  model {result.model.version}{flags}")
 
 
 def format_status_line(status: Status) -> str:
     model = f"  model {status.model.name} {status.model.version}" if status.model else ""
     backend = f"  backend {status.backend}" if status.backend else ""
-    return f"{_clock(status.ts_ns)}  STATUS   {status.station_id} {status.state}{model}{backend}"
+    reason = f"  ({status.reason})" if status.reason else ""
+    return f"{_clock(status.ts_ns)}  STATUS   {status.station_id} {status.state}{reason}{model}{backend}"
 
 
 def format_error_line(error: ErrorReport) -> str:
-    return f"{_clock(error.ts_ns)}  ERROR    {error.camera_id or '-'} {error.frame_id or '-'}: {error.reason}"
+    return (f"{_clock(error.ts_ns)}  ERROR    {error.camera_id or '-'} {error.frame_id or '-'} "
+            f"{error.kind}: {error.reason}")
 
 
 def format_message(prefix: str, topic: str, payload: bytes, color: bool = False) -> tuple[str, bool]:

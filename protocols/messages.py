@@ -4,8 +4,9 @@ Frames: a two-part ZeroMQ message [header (UTF-8 JSON FrameHeader), payload (pix
 MQTT topics under a prefix (default `inspection/<station_id>`):
   <prefix>/<camera_id>/result  Result, QoS 1, one per accepted frame
   <prefix>/status              Status, QoS 1, retained; the Last Will says `offline`
-  <prefix>/error               ErrorReport, QoS 1, one per rejected frame (or dropped, in `latest` mode)
-Subscribers de-duplicate results on (camera_id, frame_id): delivery is at least once.
+  <prefix>/error               ErrorReport, QoS 1: a frame rejected or not inspected, or a station problem
+Every accepted frame gets exactly one answer: a Result or an ErrorReport naming the frame. Delivery
+is at least once: subscribers de-duplicate on the station-assigned `result_id` / `error_id`.
 """
 
 from typing import Literal
@@ -33,8 +34,8 @@ class FrameHeader(_Message):
     width: int = Field(gt=0, le=16384)
     height: int = Field(gt=0, le=16384)
     pixel_format: Literal["bgr8", "rgb8", "mono8"] | None = Field(None, description="raw frames only")
-    part_id: str | None = None
-    meta: dict | None = None
+    part_id: str | None = Field(None, max_length=128)
+    meta: dict | None = Field(None, description="echoed in the result; size limited by the station")
 
     @model_validator(mode="after")
     def _pixel_format_iff_raw(self) -> "FrameHeader":
@@ -84,14 +85,20 @@ class Region(_Message):
     max_score: float
 
 
+# Why a verdict was forced to `fail`: the model's output could not be trusted (fail-safe).
+ResultFlag = Literal["non_finite_score", "non_finite_map"]
+
+
 class Result(_Message):
     v: Literal[1] = WIRE_VERSION
+    result_id: str = Field(description="assigned by the station: unique, sorts by time; the de-duplication key")
     camera_id: str
     frame_id: str
     part_id: str | None
     verdict: Literal["pass", "fail"]
-    score: float
+    score: float | None = Field(description="null when the model's score was not finite (the verdict is then fail)")
     threshold: float
+    flags: list[ResultFlag] = Field(default_factory=list, description="why a verdict was forced to fail")
     ts_capture_ns: int
     ts_result_ns: int
     latency_ms: LatencyMs
@@ -101,20 +108,35 @@ class Result(_Message):
     meta: dict | None = None
 
 
+StationState = Literal["online", "degraded", "draining", "faulted", "offline"]
+
+
 class Status(_Message):
     v: Literal[1] = WIRE_VERSION
-    state: Literal["online", "offline", "draining"]
+    state: StationState = Field(description="online: inspecting; degraded: running, but frames may get errors "
+                                "(reason says why); draining: stopping, answering what it accepted; faulted: "
+                                "a worker died, the station drains and restarts; offline: not running")
+    reason: str | None = Field(None, description="why the state is not online")
     station_id: str
     model: ModelRef | None = None
     backend: str | None = None
     ts_ns: int
 
 
+# rejected: the frame was unusable and never accepted; not_inspected: accepted, but no verdict can
+# come (a PLC treats the part as a reject); station: about the station, not one frame.
+ErrorKind = Literal["rejected", "not_inspected", "station"]
+
+
 class ErrorReport(_Message):
     v: Literal[1] = WIRE_VERSION
+    error_id: str = Field(description="assigned by the station: unique, sorts by time; the de-duplication key")
+    kind: ErrorKind
     reason: str
     camera_id: str | None = None
     frame_id: str | None = None
+    part_id: str | None = None
+    model: ModelRef | None = Field(None, description="the model that failed, for not_inspected frames")
     ts_ns: int
 
 

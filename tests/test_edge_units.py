@@ -2,21 +2,25 @@
 
 import base64
 import os
+import struct
+import zlib
 import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import get_args
 
 import cv2
 import numpy as np
 import pytest
 
 from edge.frame_queue import FrameQueue
-from edge.frames import decode_message, to_model_input
+from edge.answer_ids import AnswerIds
+from edge.frames import FrameIdGaps, decode_message, to_model_input
 from edge.postprocess import find_regions, mask_png_base64, upscale_map
-from edge.settings import SettingsError, load_settings, reference_rows
+from edge.settings import BackendChoice, SettingsError, ZmqSettings, load_settings, reference_rows
 from edge.systemd import SystemdNotifier
 from protocols.messages import FrameError, FrameHeader
 
@@ -29,17 +33,39 @@ def header(**fields) -> bytes:
     return FrameHeader(**{**base, **fields}).encode()
 
 
+LIMITS = ZmqSettings(max_header_bytes=1024, max_meta_bytes=64, max_pixels=10_000)
+
+
 def test_raw_bgr_mono_and_encoded_frames_decode_to_rgb():
     bgr = np.random.default_rng(0).integers(0, 256, (3, 4, 3), dtype=np.uint8)
-    _, rgb = decode_message([header(), bgr.tobytes()], 1 << 20)
+    _, rgb = decode_message([header(), bgr.tobytes()], LIMITS)
     assert np.array_equal(rgb, bgr[..., ::-1])
-    _, rgb = decode_message([header(pixel_format="rgb8"), bgr.tobytes()], 1 << 20)
+    _, rgb = decode_message([header(pixel_format="rgb8"), bgr.tobytes()], LIMITS)
     assert np.array_equal(rgb, bgr)
-    _, rgb = decode_message([header(pixel_format="mono8"), bgr[..., 0].tobytes()], 1 << 20)
+    _, rgb = decode_message([header(pixel_format="mono8"), bgr[..., 0].tobytes()], LIMITS)
     assert rgb.shape == (3, 4, 3) and np.array_equal(rgb[..., 1], bgr[..., 0])
     png = cv2.imencode(".png", bgr)[1].tobytes()
-    _, rgb = decode_message([header(encoding="png", pixel_format=None), png], 1 << 20)
+    _, rgb = decode_message([header(encoding="png", pixel_format=None), png], LIMITS)
     assert np.array_equal(rgb, bgr[..., ::-1])
+    jpeg = cv2.imencode(".jpg", bgr)[1].tobytes()
+    _, rgb = decode_message([header(encoding="jpeg", pixel_format=None), jpeg], LIMITS)
+    assert rgb.shape == (3, 4, 3)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A small, well-formed PNG whose header declares width x height 8-bit RGB pixels (a bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A real 8x8 JPEG with its SOF0 size fields rewritten."""
+    data = bytearray(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
 
 
 @pytest.mark.parametrize("parts, reason", [
@@ -48,14 +74,51 @@ def test_raw_bgr_mono_and_encoded_frames_decode_to_rgb():
     ([header(), b"\0" * 35], "needs 36"),
     ([header(encoding="jpeg", pixel_format=None), b"\xff\xd8garbage"], "not a decodable JPEG"),
     ([header(), b"\0" * 36, b"extra"], "3 parts"),
-    ([header(), b"\0" * 2000], "2000 bytes exceeds the limit of 1024"),
+    ([header(width=1000, height=1000), b"\0" * 36], "1000x1000 = 1000000 pixels, over the limit of 10000"),
+    ([header(meta={"note": "x" * 100}), b"\0" * 36], "meta of 111 bytes exceeds the limit of 64"),
+    ([header(meta={"pad": "x" * 2000}), b"\0" * 36], "header of 2\\d+ bytes exceeds the limit of 1024"),
+    ([header(encoding="png", pixel_format=None), png_declaring(30000, 30000)], "declares 30000x30000"),
+    ([header(encoding="jpeg", pixel_format=None), jpeg_declaring(30000, 30000)], "declares 30000x30000"),
+    ([header(encoding="png", pixel_format=None, width=8, height=8), jpeg_declaring(8, 8)], "not a decodable PNG"),
+    ([header(encoding="jpeg", pixel_format=None), b""], "not a decodable JPEG"),
+    ([header(encoding="png", pixel_format=None), b""], "not a decodable PNG"),
+    ([header(encoding="jpeg", pixel_format=None), jpeg_declaring(4, 3)[:40]], "not a decodable JPEG"),
+    ([header(encoding="jpeg", pixel_format=None), jpeg_declaring(60, 50)], "JPEG file is 60x50, header says 4x3"),
     ([header().replace(b'"cam0"', b'"a/b"'), b"\0" * 36], "camera_id"),
     ([header(encoding="png", pixel_format=None, width=5), cv2.imencode(".png", np.zeros((3, 4), np.uint8))[1].tobytes()],
-     "decoded image is 4x3, header says 5x3"),
+     "PNG file is 4x3, header says 5x3"),
 ])
 def test_malformed_frames_are_rejected_with_a_reason(parts, reason):
     with pytest.raises(FrameError, match=reason):
-        decode_message(parts, 1024)
+        decode_message(parts, LIMITS)
+
+
+def test_frame_id_gaps_count_missing_numbers_per_camera_and_ignore_restarts():
+    gaps = FrameIdGaps()
+    assert [gaps.missed("a", f) for f in ("000001", "000002", "000005", "000001", "000003", "x7", "000004")] == \
+        [0, 0, 2, 0, 1, 0, 0]
+    assert gaps.missed("b", "000009") == 0
+
+
+def test_answer_ids_are_unique_and_sort_by_time_across_threads():
+    ids = AnswerIds()
+    made: list[str] = []
+    threads = [threading.Thread(target=lambda: made.extend(ids.next() for _ in range(2000))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(made)) == 8000
+    first = ids.next()
+    assert first > max(made) and AnswerIds().next() > first
+
+
+def test_backend_setting_is_a_checked_choice_of_the_loaders_backends(tmp_path):
+    from edge.runtime.loader import BACKEND_KEYS
+
+    assert set(get_args(BackendChoice)) == set(BACKEND_KEYS)
+    with pytest.raises(SettingsError, match="inference.backend"):
+        load_settings(None, bundle="/b", inference={"backend": "gpu-please"})
 
 
 def test_model_input_resize_and_map_upscale_keep_shapes():

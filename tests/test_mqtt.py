@@ -36,7 +36,8 @@ def status(state: str, version: str = "1") -> Status:
 
 
 def result(frame_id: str, camera_id: str = CAM) -> Result:
-    return Result(camera_id=camera_id, frame_id=frame_id, part_id=None, verdict="pass", score=0.1,
+    return Result(result_id=f"r-{camera_id}-{frame_id}", camera_id=camera_id, frame_id=frame_id, part_id=None,
+                  verdict="pass", score=0.1,
                   threshold=0.4, ts_capture_ns=1, ts_result_ns=2,
                   latency_ms=LatencyMs(queue=1, decode=1, infer=1, post=1, total=4),
                   model=model(), regions=[], mask=None)
@@ -134,7 +135,7 @@ def test_results_are_delivered_in_order_and_leave_the_outbox(broker, outbox):
     sent = [f"{i:06d}" for i in range(50)]
     with Subscriber(broker.port, RESULTS) as sub, running_link(settings(broker.port), outbox) as link:
         for frame_id in sent:
-            link.publish_result(result(frame_id))
+            link.publish_answers([result(frame_id)], [])
         received = sub.wait_for(result_topic(PREFIX, CAM), len(sent))
         assert link.wait_drained(5)
     assert frame_ids(received) == sent
@@ -153,7 +154,7 @@ def test_status_online_model_swap_and_offline(broker, outbox):
                 first = late.wait_for(topic, 1)[0]
                 assert first.retain and json.loads(first.payload)["state"] == "online"
 
-            link.set_online(status("online", version="2"))
+            link.set_status(status("online", version="2"))
             early.wait_until(topic, lambda ms: any(json.loads(m.payload)["model"]["version"] == "2" for m in ms))
         early.wait_until(topic, lambda ms: states(ms)[-1:] == ["offline"])
     with Subscriber(broker.port, topic) as late:
@@ -209,7 +210,7 @@ def test_no_result_is_lost_across_a_broker_outage(broker, outbox):
         def put(count: int, pause_s: float = 0.0) -> None:
             for _ in range(count):
                 sent.append(f"{len(sent):06d}")
-                link.publish_result(result(sent[-1]))
+                link.publish_answers([result(sent[-1])], [])
                 time.sleep(pause_s)
 
         put(10)
@@ -254,7 +255,7 @@ def test_mqtt_3_1_1_is_selectable(broker, outbox):
     with Subscriber(broker.port, RESULTS) as sub, \
             running_link(settings(broker.port, protocol="3.1.1"), outbox) as link:
         for frame_id in sent:
-            link.publish_result(result(frame_id))
+            link.publish_answers([result(frame_id)], [])
         received = sub.wait_for(result_topic(PREFIX, CAM), len(sent))
         assert link.wait_drained(5)
     assert frame_ids(received) == sent

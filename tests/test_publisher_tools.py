@@ -199,7 +199,8 @@ def test_run_replay_prints_a_summary_and_reports_errors(image_folder, pull, caps
 
 
 def make_result(frame_id: str, verdict: str = "fail", ts_result_ns: int = 1_732_400_000_123_000_000) -> Result:
-    return Result(camera_id="cam0", frame_id=frame_id, part_id="SN-42", verdict=verdict, score=0.73, threshold=0.41,
+    return Result(result_id=f"r{frame_id}", camera_id="cam0", frame_id=frame_id, part_id="SN-42", verdict=verdict,
+                  score=0.73, threshold=0.41,
                   ts_capture_ns=ts_result_ns - 90_000_000, ts_result_ns=ts_result_ns,
                   latency_ms=LatencyMs(queue=2.0, decode=3.1, infer=70.0, post=10.1, total=85.24),
                   model=ModelRef(name="hazelnut-small", version="2024.11.3", sha256="ab" * 32),
@@ -224,7 +225,7 @@ def test_format_message_routes_by_topic_and_survives_bad_payloads():
     prefix = "inspection/line1"
     line, is_result = format_message(prefix, result_topic(prefix, "cam0"), make_result("000001").encode())
     assert is_result and "000001" in line
-    report = ErrorReport(reason="header frame_id: missing", camera_id="cam0", ts_ns=0)
+    report = ErrorReport(error_id="e1", kind="rejected", reason="header frame_id: missing", camera_id="cam0", ts_ns=0)
     line, is_result = format_message(prefix, error_topic(prefix), report.encode())
     assert not is_result and "ERROR" in line and "header frame_id: missing" in line
     for payload in (b"not json", b"\xff\xfe", json.dumps({"v": 1, "state": "online"}).encode()):

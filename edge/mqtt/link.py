@@ -1,16 +1,18 @@
 """The MQTT link: one paho client (callback API version 2) plus a sender that drains the outbox.
 
 Delivery is at least once. Results and error reports are written to the outbox first
-(`publish_result`, `publish_error`) and leave it only when the broker acknowledges them (QoS 1
+(`publish_answers`, `publish_error`) and leave it only when the broker acknowledges them (QoS 1
 PUBACK). After every (re)connect everything still pending is sent again, oldest first, so a
-message can arrive twice: **subscribers de-duplicate results on (camera_id, frame_id)**.
+message can arrive twice: **subscribers de-duplicate on the station-assigned `result_id` /
+`error_id`**, which travels with the message in the outbox.
 
 Status: `<prefix>/status` is retained. The Last Will says `offline` (crash, power cut, lost
 network); `online` (with the model identity) is published after every connect; `stop` publishes
-`offline` on a graceful shutdown, when the broker discards the Will.
+`offline` on a graceful shutdown, when the broker discards the Will. The daemon replaces the
+status (`set_status`) when its state changes (degraded, draining, faulted, a new model).
 
 Threads:
-- caller threads (the daemon): `start`, `publish_result`, `publish_error`, `set_online`,
+- caller threads (the daemon): `start`, `publish_answers`, `publish_error`, `set_status`,
   `wait_drained`, `stop`.
 - paho's network thread (`loop_start`): `_on_connect`, `_on_disconnect`, `_on_publish`,
   `_on_connect_fail`. They only flip flags and publish the status, never touch the disk.
@@ -118,20 +120,28 @@ class MqttLink:
         self._log.info("mqtt starting", host=self._settings.host, port=self._settings.port,
                        protocol=self._settings.protocol)
 
-    def set_online(self, online: Status) -> None:
-        """Replace the status published after each connect (e.g. a new model); publish it now."""
-        with self._status_lock:
-            self._online = online
-            if self._client.is_connected() and not self._status_final:
-                self._publish_status(online)
+    @property
+    def sender_alive(self) -> bool:
+        """False once the outbox sender thread has ended (after `stop`, or if it died)."""
+        return self._sender.is_alive()
 
-    def publish_result(self, result: Result) -> None:
-        """Queue a verdict; it is on disk when this returns and is sent as soon as possible."""
-        self._enqueue(result_topic(self._prefix, result.camera_id), result.encode())
+    def set_status(self, status: Status) -> None:
+        """Replace the status published after each connect (a new state or model); publish it now."""
+        with self._status_lock:
+            self._online = status
+            if self._client.is_connected() and not self._status_final:
+                self._publish_status(status)
+
+    def publish_answers(self, answers: list[Result | ErrorReport], settle: list[int]) -> None:
+        """Queue the answers to a batch of frames and settle their journal rows, in one outbox
+        transaction: on disk when this returns, sent as soon as possible."""
+        self._outbox.put_answers([(self._topic(a), a.encode()) for a in answers], settle)
+        self._wake_sender()
 
     def publish_error(self, report: ErrorReport) -> None:
-        """Queue a rejected-frame report: through the outbox too, MES counts them."""
-        self._enqueue(error_topic(self._prefix), report.encode())
+        """Queue an error report: through the outbox too, MES counts them."""
+        self._outbox.put(error_topic(self._prefix), report.encode(), qos=1)
+        self._wake_sender()
 
     def wait_drained(self, timeout_s: float) -> bool:
         """Block until the outbox is empty; False if it still is not after `timeout_s`."""
@@ -164,8 +174,10 @@ class MqttLink:
 
     # --- called from caller threads -----------------------------------------------------------
 
-    def _enqueue(self, topic: str, payload: bytes) -> None:
-        self._outbox.put(topic, payload, qos=1)
+    def _topic(self, answer: Result | ErrorReport) -> str:
+        return result_topic(self._prefix, answer.camera_id) if isinstance(answer, Result) else error_topic(self._prefix)
+
+    def _wake_sender(self) -> None:
         with self._cond:
             self._more_pending = True
             self._cond.notify_all()

@@ -2,8 +2,8 @@
 this machine can run. Each candidate is warmed up and timed at every batch size up to the
 bundle's maximum, on the bundle's own input size; the daemon batches at the fastest size."""
 
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,8 +79,11 @@ def warm_up(backend: Backend, bundle: VerifiedBundle) -> dict[int, float]:
 
 
 def load_model(root: Path, choice: str = "auto") -> LoadedModel:
+    """Verify, load and warm up. Any failure is a BundleError naming the bundle and the cause."""
     if choice not in BACKEND_KEYS:
         raise BundleError(f"unknown backend {choice!r}; choose one of {', '.join(BACKEND_KEYS)}")
+    # Resolved once: verification and loading read the same directory even if a symlink flips.
+    root = root.resolve()
     bundle = verify_bundle(root)
     candidates = _candidates(bundle, choice)
     if not candidates:
@@ -95,17 +98,45 @@ def load_model(root: Path, choice: str = "auto") -> LoadedModel:
             continue
         except Exception as err:  # a file that verifies but will not load is still a bad bundle
             raise BundleError(f"{path}: cannot be loaded by {backend_type.key}: {err}") from err
-        loaded.append(LoadedModel(bundle, backend, warm_up(backend, bundle)))
+        try:
+            rates = warm_up(backend, bundle)
+        except Exception as err:
+            raise BundleError(f"{path}: fails its warm-up on {backend_type.key}: "
+                              f"{type(err).__name__}: {str(err).strip()[:300]}") from err
+        loaded.append(LoadedModel(bundle, backend, rates))
     if not loaded:
         raise BundleError(f"{root}: none of the candidate backends could start here")
     return max(loaded, key=lambda m: m.images_per_second)
 
 
-def load_model_in_own_thread(root: Path, choice: str = "auto") -> LoadedModel:
-    """`load_model` on a thread that ends when it returns, for a process that infers on another
-    long-lived thread. OpenMP keeps a pool of worker threads per thread that ran parallel work,
-    for as long as that thread lives, and libgomp stops spin-waiting once its pools hold more
-    threads than there are CPUs: a warm-up on the main thread would leave such a pool and slow
-    every later batch of the inference thread (≈15–20 % on 2 cores, measured)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load") as loader:
-        return loader.submit(load_model, root, choice).result()
+class BackgroundLoad:
+    """`load_model` on a thread of its own that ends when it returns: the caller stays free (the
+    daemon's main thread keeps answering the watchdog during a hot swap), and no OpenMP pool is
+    left behind. OpenMP keeps a pool of worker threads per thread that ran parallel work, for as
+    long as that thread lives, and libgomp stops spin-waiting once its pools hold more threads
+    than there are CPUs: a warm-up on a long-lived thread would leave such a pool and slow every
+    later batch of the inference thread (≈15–20 % on 2 cores, measured)."""
+
+    def __init__(self, root: Path, choice: str = "auto") -> None:
+        self._done = threading.Event()
+        self._model: LoadedModel | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._load, args=(root, choice), name="model-load", daemon=True).start()
+
+    def _load(self, root: Path, choice: str) -> None:
+        try:
+            self._model = load_model(root, choice)
+        except BaseException as err:  # handed to the caller of result()
+            self._error = err
+        finally:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self) -> LoadedModel:
+        """Wait for the load; raise what it raised."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._model
