@@ -155,6 +155,8 @@ class Daemon:
         self._draining = False
         self._published: tuple | None = None
         self._beats = {name: time.monotonic() for name in ("receiver", "inference", "publisher")}
+        # Frames a worker holds between its queues: answered for it if it dies.
+        self._held: dict[str, list[QueuedFrame]] = {"inference": [], "publisher": []}
         self._threads = [self._supervised(name, loop) for name, loop in (
             ("receiver", self._receive_loop), ("inference", self._inference_loop), ("publisher", self._publish_loop))]
 
@@ -330,8 +332,6 @@ class Daemon:
         delivered = self.link.wait_drained(DRAIN_TIMEOUT_S)
         self.link.stop(Status(state="offline", station_id=self.settings.station_id, model=self.model_ref(),
                               backend=self.model.backend.key, ts_ns=time.time_ns()))
-        for gauge in (self.metrics.outbox_depth, self.metrics.outbox_bytes, self.metrics.outbox_evicted):
-            gauge.set_function(lambda: 0)  # a scrape after close must not touch the database
         self.outbox.close()
         self.log.info("stopped", fault=self._fault,
                       outbox_pending=0 if delivered else "kept on disk for the next start")
@@ -341,8 +341,11 @@ class Daemon:
         """Frames held for a worker thread that has died get a `not_inspected` error."""
         stranded: list[QueuedFrame] = []
         if not self._threads[1].is_alive():
-            stranded += self.queue.get_batch(self.settings.inference.queue_size, 0, 0)
+            stranded += self._held["inference"] + self.queue.get_batch(self.settings.inference.queue_size, 0, 0)
+            self._held["inference"] = []
         if not self._threads[2].is_alive():
+            stranded += self._held["publisher"]
+            self._held["publisher"] = []
             while True:
                 try:
                     stranded += self._inferred.get_nowait().batch
@@ -509,9 +512,11 @@ class Daemon:
                 max_batch = min(cfg.max_batch or model.best_batch, model.bundle.manifest.input.max_batch)
                 batch = self.queue.get_batch(max_batch, cfg.max_wait_ms / 1000, IDLE_TIMEOUT_S)
                 if batch:
+                    self._held["inference"] = batch
                     inferred = self._infer(batch, model)
                     self._track_health(inferred)
                     self._inferred.put(inferred)  # waits while the publisher is behind
+                    self._held["inference"] = []
                 elif self._receiver_done.is_set() and not len(self.queue):
                     return
         finally:
@@ -569,6 +574,7 @@ class Daemon:
                 if self._inference_done.is_set() and self._inferred.empty():
                     return
                 continue
+            self._held["publisher"] = inferred.batch
             self._publish(inferred)
 
     def _publish(self, inferred: InferredBatch) -> None:
@@ -587,6 +593,7 @@ class Daemon:
                 answers.append(self._not_inspected(queued.frame, f"not inspected: post-processing failed: "
                                                    f"{_describe(err)}", ref))
         self._write_answers(answers, [q.frame.journal_id for q in inferred.batch])
+        self._held["publisher"] = []
         for answer in answers:
             if isinstance(answer, Result):
                 self.metrics.results.labels(answer.verdict).inc()

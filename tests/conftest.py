@@ -33,3 +33,46 @@ def tiny_run(tmp_path_factory, datasets_dir) -> Path:
     assert main(["fit", str(datasets_dir / "hazelnut"), "--out", str(run), "--config", str(config),
                  "--max-steps", "4"]) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def bundles(tiny_run: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """Two portable bundles of the tiny run with different identities (for hot swaps)."""
+    from trainer.cli import main
+
+    root = tmp_path_factory.mktemp("daemon-bundles")
+    for name in ("a", "b"):
+        assert main(["export", str(tiny_run), "--out", str(root / name), "--max-batch", "16",
+                     "--target", "portable"]) == 0
+    return root / "a", root / "b"
+
+
+@pytest.fixture(scope="session")
+def hazelnut_dir(datasets_dir: Path) -> Path:
+    return datasets_dir / "hazelnut" / "test"
+
+
+@pytest.fixture
+def broker(tmp_path):
+    from mqtt_broker import Broker
+
+    with Broker(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+def daemon_factory(tmp_path, broker):
+    """`make(bundle, workdir=None, reload_watch=False, sections=None, **inference)` starts `edge serve`
+    on the test's broker and waits until it is ready; every daemon is killed at the end."""
+    from station_process import DaemonProcess
+
+    started = []
+
+    def make(bundle: Path, workdir: Path | None = None, **options) -> "DaemonProcess":
+        daemon = DaemonProcess(workdir or tmp_path, bundle, broker.port, **options)
+        started.append(daemon)
+        return daemon.start()
+
+    yield make
+    for daemon in started:
+        daemon.stop()

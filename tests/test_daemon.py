@@ -7,9 +7,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,105 +16,13 @@ import cv2
 import numpy as np
 import pytest
 import zmq
-from mqtt_broker import Broker, Subscriber, _free_port
+from mqtt_broker import Subscriber
+from station_process import PREFIX, results_by_frame
 
 from edge.replay import replay
-from protocols.messages import ErrorReport, FrameHeader, Result, Status
-from trainer.cli import main as trainer_main
+from protocols.messages import ErrorReport, Result, Status
 
 pytestmark = pytest.mark.slow
-STATION = "t1"
-PREFIX = f"inspection/{STATION}"
-
-
-@pytest.fixture(scope="module")
-def bundles(tiny_run: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """Two bundles of the same run with different identities (for hot swap)."""
-    root = tmp_path_factory.mktemp("daemon-bundles")
-    for name in ("a", "b"):
-        assert trainer_main(["export", str(tiny_run), "--out", str(root / name), "--max-batch", "16",
-                             "--target", "portable"]) == 0
-    return root / "a", root / "b"
-
-
-@pytest.fixture(scope="module")
-def hazelnut_dir(datasets_dir: Path) -> Path:
-    return datasets_dir / "hazelnut" / "test"
-
-
-class DaemonProcess:
-    def __init__(self, workdir: Path, bundle: Path, mqtt_port: int, **inference: object):
-        self.zmq_port, self.metrics_port = _free_port(), _free_port()
-        self.endpoint = f"tcp://127.0.0.1:{self.zmq_port}"
-        self.state_dir = workdir / "state"
-        self.config = workdir / "edge.toml"
-        options = "".join(f"{k} = {json.dumps(v)}\n" for k, v in inference.items())
-        self.config.write_text(
-            f'bundle = "{bundle}"\nstation_id = "{STATION}"\nstate_dir = "{self.state_dir}"\n'
-            f"metrics_port = {self.metrics_port}\nreload_watch = false\n"
-            f'[zmq]\nbind = "{self.endpoint}"\n'
-            f"[mqtt]\nport = {mqtt_port}\nkeepalive_s = 2\nreconnect_min_s = 0.1\nreconnect_max_s = 1.0\n"
-            f"[inference]\n{options}")
-        self.log_path = workdir / "daemon.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> "DaemonProcess":
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "edge", "serve", "--config", str(self.config)],
-                                        stdout=self._log, stderr=self._log)
-        deadline = time.monotonic() + 120
-        while b'"ready"' not in self.log_path.read_bytes():
-            assert self.process.poll() is None, self.log()
-            assert time.monotonic() < deadline, "daemon not ready in 120 s\n" + self.log()
-            time.sleep(0.1)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def send(self, sig: int) -> None:
-        self.process.send_signal(sig)
-
-    def wait(self, timeout_s: float = 60) -> int:
-        code = self.process.wait(timeout_s)
-        self._log.close()
-        return code
-
-    def outbox_depth(self) -> int:
-        with sqlite3.connect(f"file:{self.state_dir / 'outbox.sqlite3'}?mode=ro", uri=True) as db:
-            return db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.wait()
-
-
-@pytest.fixture
-def broker(tmp_path):
-    with Broker(tmp_path) as running:
-        yield running
-
-
-@pytest.fixture
-def daemon_factory(tmp_path, broker):
-    started: list[DaemonProcess] = []
-
-    def make(bundle: Path, workdir: Path | None = None, **inference) -> DaemonProcess:
-        daemon = DaemonProcess(workdir or tmp_path, bundle, broker.port, **inference)
-        started.append(daemon)
-        return daemon.start()
-
-    yield make
-    for daemon in started:
-        daemon.stop()
-
-
-def results_by_frame(subscriber: Subscriber, count: int, timeout_s: float = 120) -> dict[str, Result]:
-    messages = subscriber.wait_until(f"{PREFIX}/cam0/result",
-                                     lambda ms: len({Result.model_validate_json(m.payload).frame_id for m in ms}) >= count,
-                                     timeout_s)
-    return {r.frame_id: r for r in (Result.model_validate_json(m.payload) for m in messages)}
 
 
 def test_200_replayed_frames_give_exactly_200_results_with_masks(bundles, hazelnut_dir, daemon_factory, broker):
@@ -156,7 +61,8 @@ def test_malformed_messages_each_get_an_error_and_the_daemon_keeps_serving(bundl
         [json.dumps({**good, "frame_id": "jpeg", "encoding": "jpeg", "pixel_format": None}).encode(),
          b"\xff\xd8\xff\xe0 not really a jpeg"],
         [json.dumps({**good, "frame_id": "three"}).encode(), pixels, b"extra"],
-        [json.dumps({**good, "frame_id": "huge"}).encode(), bytes(100 * 1024 * 1024)],
+        [json.dumps({**good, "frame_id": "empty-jpeg", "encoding": "jpeg", "pixel_format": None}).encode(), b""],
+        [json.dumps({**good, "frame_id": "huge", "width": 16384, "height": 16384}).encode(), pixels],
     ]
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
@@ -172,9 +78,10 @@ def test_malformed_messages_each_get_an_error_and_the_daemon_keeps_serving(bundl
     context.term()
     reasons = [e.reason for e in errors]
     for expected in ("not valid JSON", "frame_id", "needs 9216", "not a decodable JPEG", "3 parts",
-                     "exceeds the limit"):
+                     "over the limit of 64000000"):
         assert any(expected in r for r in reasons), (expected, reasons)
-    assert {e.frame_id for e in errors} >= {"short", "jpeg", "three", "huge"}
+    assert {e.frame_id for e in errors} >= {"short", "jpeg", "three", "empty-jpeg", "huge"}
+    assert {e.kind for e in errors} == {"rejected"}
     assert result.frame_id == "ok" and daemon.process.poll() is None
 
 

@@ -2,8 +2,6 @@
 
 import base64
 import os
-import struct
-import zlib
 import socket
 import subprocess
 import sys
@@ -18,6 +16,7 @@ import pytest
 
 from edge.frame_queue import FrameQueue
 from edge.answer_ids import AnswerIds
+from hostile_frames import jpeg_declaring, png_declaring
 from edge.frames import FrameIdGaps, decode_message, to_model_input
 from edge.postprocess import find_regions, mask_png_base64, upscale_map
 from edge.settings import BackendChoice, SettingsError, ZmqSettings, load_settings, reference_rows
@@ -50,22 +49,6 @@ def test_raw_bgr_mono_and_encoded_frames_decode_to_rgb():
     jpeg = cv2.imencode(".jpg", bgr)[1].tobytes()
     _, rgb = decode_message([header(encoding="jpeg", pixel_format=None), jpeg], LIMITS)
     assert rgb.shape == (3, 4, 3)
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A small, well-formed PNG whose header declares width x height 8-bit RGB pixels (a bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
-
-
-def jpeg_declaring(width: int, height: int) -> bytes:
-    """A real 8x8 JPEG with its SOF0 size fields rewritten."""
-    data = bytearray(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
 
 
 @pytest.mark.parametrize("parts, reason", [

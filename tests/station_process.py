@@ -1,0 +1,146 @@
+"""Test helpers for `edge serve` as a separate process: a configured daemon, the answers a
+subscriber saw, and bundles whose graph misbehaves on purpose (real exports of the tiny run)."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from mqtt_broker import Subscriber, _free_port
+
+from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, BundleFile, Manifest, sha256_file
+from protocols.messages import ErrorReport, Result
+
+STATION = "t1"
+PREFIX = f"inspection/{STATION}"
+READY_TIMEOUT_S = 120
+
+
+class DaemonProcess:
+    def __init__(self, workdir: Path, bundle: Path, mqtt_port: int, reload_watch: bool = False,
+                 sections: dict[str, dict] | None = None, **inference: object):
+        self.zmq_port, self.metrics_port = _free_port(), _free_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.zmq_port}"
+        self.state_dir = workdir / "state"
+        self.config = workdir / "edge.toml"
+        sections = {"inference": inference, **(sections or {})}
+        extra = "".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+                        for name, values in sections.items() if name != "zmq")
+        zmq_extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in (sections.get("zmq") or {}).items())
+        self.config.write_text(
+            f'bundle = "{bundle}"\nstation_id = "{STATION}"\nstate_dir = "{self.state_dir}"\n'
+            f"metrics_port = {self.metrics_port}\nreload_watch = {json.dumps(reload_watch)}\n"
+            f'[zmq]\nbind = "{self.endpoint}"\n{zmq_extra}'
+            f"[mqtt]\nport = {mqtt_port}\nkeepalive_s = 2\nreconnect_min_s = 0.1\nreconnect_max_s = 1.0\n{extra}")
+        self.log_path = workdir / "daemon.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "DaemonProcess":
+        self._log = open(self.log_path, "ab")
+        earlier = self.log_path.read_text(errors="replace").count('"ready"') if self.log_path.exists() else 0
+        self.process = subprocess.Popen([sys.executable, "-m", "edge", "serve", "--config", str(self.config)],
+                                        stdout=self._log, stderr=self._log)
+        self.wait_for_log('"ready"', READY_TIMEOUT_S, count=earlier + 1)
+        return self
+
+    def wait_for_log(self, text: str, timeout_s: float, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.log_path.read_text(errors="replace").count(text) < count:
+            assert self.process.poll() is None, self.log()
+            assert time.monotonic() < deadline, f"{text!r} not logged within {timeout_s} s\n" + self.log()
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def send(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout_s: float = 60) -> int:
+        code = self.process.wait(timeout_s)
+        self._log.close()
+        return code
+
+    def outbox_depth(self) -> int:
+        return len(self.table("SELECT id FROM outbox"))
+
+    def table(self, query: str) -> list[tuple]:
+        with sqlite3.connect(f"file:{self.state_dir / 'outbox.sqlite3'}?mode=ro", uri=True) as db:
+            return db.execute(query).fetchall()
+
+    def peak_rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.wait()
+
+
+def results_by_frame(subscriber: Subscriber, count: int, timeout_s: float = 120) -> dict[str, Result]:
+    messages = subscriber.wait_until(f"{PREFIX}/cam0/result",
+                                     lambda ms: len({Result.model_validate_json(m.payload).frame_id for m in ms}) >= count,
+                                     timeout_s)
+    return {r.frame_id: r for r in (Result.model_validate_json(m.payload) for m in messages)}
+
+
+def answers(subscriber: Subscriber) -> dict[str, list[Result | ErrorReport]]:
+    """Every answer naming a frame, by frame id, de-duplicated on the station's answer ids."""
+    seen, by_frame = set(), {}
+    for message in subscriber.messages(f"{PREFIX}/cam0/result"):
+        result = Result.model_validate_json(message.payload)
+        if result.result_id not in seen:
+            seen.add(result.result_id)
+            by_frame.setdefault(result.frame_id, []).append(result)
+    for message in subscriber.messages(f"{PREFIX}/error"):
+        report = ErrorReport.model_validate_json(message.payload)
+        if report.frame_id is not None and report.error_id not in seen:
+            seen.add(report.error_id)
+            by_frame.setdefault(report.frame_id, []).append(report)
+    return by_frame
+
+
+def wait_for_answers(subscriber: Subscriber, frame_ids: set[str], timeout_s: float = 120) -> dict[str, list]:
+    deadline = time.monotonic() + timeout_s
+    while not frame_ids <= set(got := answers(subscriber)):
+        assert time.monotonic() < deadline, f"no answer for {sorted(frame_ids - set(got))[:20]}"
+        time.sleep(0.2)
+    return got
+
+
+def faulty_bundle(run: Path, reference: Path, out: Path, fault: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                  tuple[torch.Tensor, torch.Tensor]], name: str) -> Path:
+    """A bundle of `run` (same manifest as the exported `reference`) whose graph passes the fused
+    model's (images, maps, scores) through `fault`: a real torch.export program that verifies."""
+    from trainer.evaluate import load_run
+    from trainer.export.program import export_fused
+
+    cfg, model, _ = load_run(run)
+    fused = model.fused(cfg.method).eval()
+
+    class Faulty(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fused = fused
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return fault(images, *self.fused(images))
+
+    manifest = Manifest.model_validate_json((reference / MANIFEST_NAME).read_text())
+    out.mkdir(parents=True)
+    program = export_fused(Faulty(), model.image_size, manifest.input.max_batch)
+    torch.export.save(program, out / "model.pt2")
+    manifest = manifest.model_copy(update={
+        "model": manifest.model.model_copy(update={"name": name}),
+        "files": [BundleFile(path="model.pt2", format="torch.export", target="cpu",
+                             sha256=sha256_file(out / "model.pt2"))]})
+    (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+    (out / MANIFEST_DIGEST_NAME).write_text(sha256_file(out / MANIFEST_NAME) + "\n")
+    return out
