@@ -23,7 +23,7 @@ test-fast: $(VENV)/.installed
 
 # The demo replays the in-repo sample demo/hazelnut through the kept model demo/bundle.
 demo: $(VENV)/.installed
-	$(PY) -m edge demo --bundle demo/bundle --images demo/hazelnut/test --out demo-output
+	$(PY) -m harness.demo --bundle demo/bundle --images demo/hazelnut/test --out demo-output
 
 # Retrains and re-exports demo/bundle (kept in the repository) from the sample's good images.
 demo-model: $(VENV)/.installed

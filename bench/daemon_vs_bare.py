@@ -29,13 +29,16 @@ import cv2
 import numpy as np
 
 from timing import images_per_second
-from edge.demo import PREFIX, Feed, MosquittoBroker, StationProcess, find_mosquitto, wait_until_online
 from edge.frames import to_model_input
 from edge.runtime.loader import load_model
+from harness.broker import MosquittoBroker, find_mosquitto
+from harness.feed import Feed
+from harness.station import StationProcess, wait_until_online
 from protocols.messages import Result, result_topic
 from protocols.publisher import FramePublisher
 
 REPO = Path(__file__).resolve().parents[1]
+STATION_ID = "bench"
 SAMPLE = REPO / "demo" / "hazelnut"
 RESULT_TIMEOUT_S = 60.0  # every verdict is due this long after the last frame went out
 SEND_TIMEOUT_MS = 60_000
@@ -73,7 +76,7 @@ def send_and_collect(feed: Feed, station: StationProcess, frames: list[np.ndarra
                 message = feed.inbox.get(timeout=remaining)
             except queue.Empty:
                 return
-            if message.topic != result_topic(PREFIX, camera_id):
+            if message.topic != result_topic(station.prefix, camera_id):
                 continue
             result = Result.model_validate_json(message.payload)
             if result.frame_id not in seen:  # at-least-once delivery: a repeat adds nothing
@@ -102,13 +105,6 @@ def steady_rate(arrivals: list[tuple[float, Result]]) -> tuple[float, list[tuple
     return (last - first) / (arrivals[last][0] - arrivals[first][0]), arrivals[first + 1:last + 1]
 
 
-def peak_rss_gb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1e6  # kB
-    raise RuntimeError(f"no VmHWM for process {pid}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a trained run to export (default: a 2-step small model)")
@@ -117,8 +113,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="minimum duration of each bare timing")
     parser.add_argument("--latency-seconds", type=float, default=30.0, help="duration of the fixed-rate run")
     args = parser.parse_args()
-    binary = find_mosquitto()
-    if binary is None:
+    if find_mosquitto() is None:
         sys.exit("daemon_vs_bare: needs mosquitto (apt-get install mosquitto)")
     frames = camera_frames(SAMPLE / "test")
     height, width = frames[0].shape[:2]
@@ -131,11 +126,11 @@ def main() -> None:
         batch = model.best_batch  # what the daemon would choose; it is told, so both use the same
         inputs = np.stack([to_model_input(cv2.cvtColor(f, cv2.COLOR_BGR2RGB), spec.height, spec.width)
                            for f in (frames * batch)[:batch]])
-        broker = MosquittoBroker(binary, workdir)
+        broker = MosquittoBroker(workdir)
         broker.start()
-        told = {"EDGE_INFERENCE__BACKEND": backend, "EDGE_INFERENCE__MAX_BATCH": str(batch)}
-        station = StationProcess(bundle, broker, workdir, workdir / "edge.log", env=told)
-        feed = Feed(broker.port)
+        told = {"inference": {"backend": backend, "max_batch": batch}}
+        station = StationProcess(STATION_ID, bundle, broker, workdir, workdir / "edge.log", settings=told)
+        feed = Feed(broker.port, station.prefix)
         try:
             feed.start()
             station.start()
@@ -151,7 +146,7 @@ def main() -> None:
                 bare.append(images_per_second(model.infer, inputs, args.seconds))
             fps = round(float(np.median(daemon)) / 2, 1)
             paced = send_and_collect(feed, station, frames, max(20, int(fps * args.latency_seconds)), "paced", fps)
-            peak_gb = peak_rss_gb(station.pid)
+            peak_gb = station.memory().peak_mb / 1000
         finally:
             station.stop()
             feed.stop()

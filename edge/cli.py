@@ -6,7 +6,6 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edge.demo import add_demo_arguments
     from edge.replay import add_replay_arguments
     from edge.watch import add_watch_arguments
 
@@ -16,12 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML settings (EDGE_* environment variables override)")
     add_replay_arguments(sub.add_parser("replay", help="send a folder of images or a video as camera frames"))
     add_watch_arguments(sub.add_parser("watch", help="print verdicts live from the MQTT broker"))
-    add_demo_arguments(sub.add_parser("demo", help="broker + daemon + replay of a labelled folder, with a summary"))
     return parser
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from edge.daemon import Daemon
+    from edge.daemon import Daemon, StartupError
     from edge.logs import configure_logging
     from edge.mqtt.outbox import OutboxError
     from edge.runtime.bundle import BundleError
@@ -31,7 +29,7 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config)
         log = configure_logging(settings.log_level)
         daemon = Daemon(settings, log)
-    except (SettingsError, BundleError, OutboxError) as err:
+    except (SettingsError, BundleError, OutboxError, StartupError) as err:
         print(f"edge serve: error: {err}", file=sys.stderr)
         return 2
     daemon.install_signal_handlers()
@@ -46,10 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         from edge.replay import run_replay
 
         return run_replay(args)
-    if args.command == "demo":
-        from edge.demo import run_demo
-
-        return run_demo(args)
     from edge.watch import run_watch
 
     return run_watch(args)

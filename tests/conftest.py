@@ -69,10 +69,10 @@ def daemon_factory(tmp_path, broker):
     started = []
 
     def make(bundle: Path, workdir: Path | None = None, **options) -> "DaemonProcess":
-        daemon = DaemonProcess(workdir or tmp_path, bundle, broker.port, **options)
+        daemon = DaemonProcess(workdir or tmp_path, bundle, broker, **options)
         started.append(daemon)
         return daemon.start()
 
     yield make
     for daemon in started:
-        daemon.stop()
+        daemon.kill()

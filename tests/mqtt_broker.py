@@ -1,17 +1,7 @@
-"""Test helpers: a real mosquitto on 127.0.0.1 that can be stopped and restarted on the same port,
-and a subscriber that collects messages per topic.
+"""Test helpers: the harness's mosquitto (the test skips where it is not installed), and an MQTT 5
+subscriber that collects messages per topic and keeps its session across broker restarts."""
 
-The broker persists (into its own temp dir) so that a subscriber's session and subscriptions
-survive `stop()`/`start()`: without that, the link under test could re-deliver its backlog before
-the subscriber has re-subscribed, and outage tests would race.
-"""
-
-import os
-import shutil
-import socket
-import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -20,79 +10,27 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-_START_TIMEOUT_S = 5.0
-_STOP_TIMEOUT_S = 5.0
+from harness.broker import MosquittoBroker, find_mosquitto
+from harness.broker import free_port as _free_port  # noqa: F401 (tests import it from here)
+
+SUBSCRIBE_TIMEOUT_S = 5.0
 
 
 def mosquitto_path() -> str:
     """The mosquitto binary, or skip the test."""
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
-    path = shutil.which("mosquitto", path=search)
+    path = find_mosquitto()
     if path is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto): MQTT tests need a real broker")
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Broker:
-    """`with Broker(tmp_path) as broker:` runs mosquitto on `broker.port` until the block ends."""
+class Broker(MosquittoBroker):
+    """`with Broker(tmp_path) as broker:` runs mosquitto on `broker.port` until the block ends;
+    `stop()`/`start()` take it away and bring it back on the same port, sessions kept."""
 
     def __init__(self, workdir: Path) -> None:
-        self._binary = mosquitto_path()
-        self.port = _free_port()
-        self._dir = workdir / f"mosquitto-{self.port}"
-        self._dir.mkdir(parents=True)
-        self._config = self._dir / "mosquitto.conf"
-        self._config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self._dir}/\n"
-            f"log_dest file {self._dir}/mosquitto.log\n")
-        self._process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self._process = subprocess.Popen([self._binary, "-c", str(self._config)],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self._process.returncode}: {self.log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not listen on port {self.port} within {_START_TIMEOUT_S}s")
-
-    def stop(self) -> None:
-        """SIGTERM (mosquitto saves its sessions), SIGKILL if it hangs."""
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(_STOP_TIMEOUT_S)
-        self._process = None
-
-    def log(self) -> str:
-        path = self._dir / "mosquitto.log"
-        return path.read_text()[-2000:] if path.exists() else "(no log)"
-
-    def __enter__(self) -> "Broker":
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
+        mosquitto_path()
+        super().__init__(workdir)
 
 
 class Subscriber:
@@ -120,7 +58,7 @@ class Subscriber:
         self._client.connect_async("127.0.0.1", self.port, keepalive=5, properties=self._connect_properties)
         self._client.loop_start()
         with self._cond:
-            if not self._cond.wait_for(lambda: self._subscribed, _START_TIMEOUT_S):
+            if not self._cond.wait_for(lambda: self._subscribed, SUBSCRIBE_TIMEOUT_S):
                 self.close()
                 raise TimeoutError(f"subscriber could not subscribe to {self._filter!r}")
         return self

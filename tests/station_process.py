@@ -1,16 +1,17 @@
 """Test helpers for `edge serve` as a separate process: a configured daemon, the answers a
 subscriber saw, and bundles whose graph misbehaves on purpose (real exports of the tiny run)."""
 
-import json
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from mqtt_broker import Subscriber, _free_port
+from mqtt_broker import Subscriber
+
+from harness.broker import Broker
+from harness.station import StationProcess
 
 from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, BundleFile, Manifest, sha256_file
 from protocols.messages import ErrorReport, Result
@@ -20,30 +21,23 @@ PREFIX = f"inspection/{STATION}"
 READY_TIMEOUT_S = 120
 
 
-class DaemonProcess:
-    def __init__(self, workdir: Path, bundle: Path, mqtt_port: int, reload_watch: bool = False,
+class DaemonProcess(StationProcess):
+    """The harness's `edge serve` subprocess, with what tests look at: its log, its outbox
+    database, its memory, signals."""
+
+    def __init__(self, workdir: Path, bundle: Path, broker: Broker, reload_watch: bool = False,
                  sections: dict[str, dict] | None = None, **inference: object):
-        self.zmq_port, self.metrics_port = _free_port(), _free_port()
-        self.endpoint = f"tcp://127.0.0.1:{self.zmq_port}"
-        self.state_dir = workdir / "state"
-        self.config = workdir / "edge.toml"
-        sections = {"inference": inference, **(sections or {})}
-        extra = "".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-                        for name, values in sections.items() if name != "zmq")
-        zmq_extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in (sections.get("zmq") or {}).items())
-        self.config.write_text(
-            f'bundle = "{bundle}"\nstation_id = "{STATION}"\nstate_dir = "{self.state_dir}"\n'
-            f"metrics_port = {self.metrics_port}\nreload_watch = {json.dumps(reload_watch)}\n"
-            f'[zmq]\nbind = "{self.endpoint}"\n{zmq_extra}'
-            f"[mqtt]\nport = {mqtt_port}\nkeepalive_s = 2\nreconnect_min_s = 0.1\nreconnect_max_s = 1.0\n{extra}")
-        self.log_path = workdir / "daemon.log"
-        self.process: subprocess.Popen | None = None
+        settings = {"reload_watch": reload_watch, "inference": inference, **(sections or {})}
+        settings["mqtt"] = {"keepalive_s": 2, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0}
+        super().__init__(STATION, bundle, broker, workdir, workdir / "daemon.log", settings)
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self._process
 
     def start(self) -> "DaemonProcess":
-        self._log = open(self.log_path, "ab")
         earlier = self.log_path.read_text(errors="replace").count('"ready"') if self.log_path.exists() else 0
-        self.process = subprocess.Popen([sys.executable, "-m", "edge", "serve", "--config", str(self.config)],
-                                        stdout=self._log, stderr=self._log)
+        super().start()
         self.wait_for_log('"ready"', READY_TIMEOUT_S, count=earlier + 1)
         return self
 
@@ -55,15 +49,13 @@ class DaemonProcess:
             time.sleep(0.1)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
+        return self.log_tail(5000)
 
     def send(self, sig: int) -> None:
         self.process.send_signal(sig)
 
     def wait(self, timeout_s: float = 60) -> int:
-        code = self.process.wait(timeout_s)
-        self._log.close()
-        return code
+        return self.process.wait(timeout_s)
 
     def outbox_depth(self) -> int:
         return len(self.table("SELECT id FROM outbox"))
@@ -72,16 +64,10 @@ class DaemonProcess:
         with sqlite3.connect(f"file:{self.state_dir / 'outbox.sqlite3'}?mode=ro", uri=True) as db:
             return db.execute(query).fetchall()
 
-    def peak_rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmHWM")
-
-    def stop(self) -> None:
+    def kill(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.kill()
-            self.wait()
+            self.process.wait()
 
 
 def results_by_frame(subscriber: Subscriber, count: int, timeout_s: float = 120) -> dict[str, Result]:

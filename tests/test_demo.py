@@ -1,5 +1,6 @@
-"""`edge demo` end to end as a subprocess, as `make demo` runs it: a real broker (mosquitto, or
-amqtt embedded), the real daemon, a tiny exported model and the in-repo hazelnut sample."""
+"""The demo (`python -m harness.demo`) end to end as a subprocess, as `make demo` runs it: a real
+broker (mosquitto, or amqtt embedded), the real daemon, a tiny exported model and the in-repo
+hazelnut sample."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from mqtt_broker import mosquitto_path
 
-from edge.demo import image_auroc
+from harness.summary import image_auroc
 from trainer.cli import main as trainer_main
 
 DEMO_IMAGES = Path(__file__).resolve().parents[1] / "demo" / "hazelnut" / "test"
@@ -38,7 +39,7 @@ def test_demo_writes_a_verdict_an_overlay_and_a_summary_for_every_frame(broker, 
         pytest.importorskip("amqtt", reason="the embedded broker needs the `demo` extra: pip install '.[demo]'")
     out = tmp_path / "demo-output"
     demo = subprocess.run(
-        [sys.executable, "-m", "edge", "demo", "--bundle", str(demo_bundle), "--images", str(DEMO_IMAGES),
+        [sys.executable, "-m", "harness.demo", "--bundle", str(demo_bundle), "--images", str(DEMO_IMAGES),
          "--out", str(out), "--limit", str(FRAMES), "--broker", broker],
         capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]

@@ -1,0 +1,171 @@
+"""MQTT brokers on 127.0.0.1: the system's mosquitto, or amqtt embedded in this process."""
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from harness import HarnessError
+
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0  # after SIGTERM; then SIGKILL
+LOG_TAIL_CHARS = 2000
+
+
+class BrokerError(HarnessError):
+    """A broker could not be found or started."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def find_mosquitto() -> str | None:
+    """The mosquitto binary on PATH or in the sbin folders (often not on a user's PATH)."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+    return shutil.which("mosquitto", path=search)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+class Broker:
+    """What a station and its subscribers need to know of a broker; `with broker:` runs it."""
+    port: int
+    protocol: str  # the MQTT version a station speaks to it: "5" or "3.1.1"
+    name: str
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> "Broker":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class MosquittoBroker(Broker):
+    """The system's mosquitto on 127.0.0.1:`port`; it can be stopped and started again on the same port.
+
+    It persists its sessions (into its own folder under `workdir`), so that a subscriber's session
+    and subscriptions survive `stop()`/`start()`: without that, a station could re-deliver its
+    backlog before the subscriber has re-subscribed, and outage tests would race.
+    """
+    protocol = "5"
+
+    def __init__(self, workdir: Path) -> None:
+        binary = find_mosquitto()
+        if binary is None:
+            raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
+        self._binary = binary
+        self.port = free_port()
+        self.name = f"mosquitto on 127.0.0.1:{self.port}"
+        self._dir = workdir / f"mosquitto-{self.port}"
+        self._dir.mkdir(parents=True)
+        self._config = self._dir / "mosquitto.conf"
+        self._config.write_text(f"listener {self.port} 127.0.0.1\n"
+                                "allow_anonymous true\n"
+                                "persistence true\n"
+                                f"persistence_location {self._dir}/\n"
+                                "log_dest stderr\n")
+        self._log_path = self._dir / "mosquitto.log"
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        # Appended to: the log keeps every run's lines, including a start that fails before logging is set up.
+        with open(self._log_path, "ab") as log:
+            self._process = subprocess.Popen([self._binary, "-c", str(self._config)], stdout=log, stderr=log)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _listening(self.port):
+            if self._process.poll() is not None:
+                code, self._process = self._process.returncode, None
+                raise BrokerError(f"mosquitto exited with code {code}: {self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerError(f"mosquitto did not listen on 127.0.0.1:{self.port} within "
+                                  f"{START_TIMEOUT_S:.0f} s: {self.log()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM (mosquitto saves its sessions), SIGKILL if it has not exited in STOP_TIMEOUT_S."""
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def log(self) -> str:
+        """The end of mosquitto's log."""
+        if not self._log_path.exists():
+            return "(no log)"
+        return self._log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+
+
+class EmbeddedBroker(Broker):
+    """amqtt's broker (MQTT 3.1.1) on its own asyncio loop in a background thread of this process."""
+    protocol = "3.1.1"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.name = f"embedded amqtt on 127.0.0.1:{self.port}"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._broker = None
+
+    def start(self) -> None:
+        try:
+            from amqtt.broker import Broker as AmqttBroker  # the `demo` extra, needed only without mosquitto
+        except ImportError:
+            raise BrokerError("the embedded broker needs amqtt: pip install '.[demo]' "
+                              "(or install mosquitto: apt-get install mosquitto)") from None
+        config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+                  "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+
+        async def start_broker() -> AmqttBroker:
+            broker = AmqttBroker(config)  # takes the running loop: create it there
+            await broker.start()
+            return broker
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mqtt-broker", daemon=True)
+        self._thread.start()
+        self._broker = asyncio.run_coroutine_threadsafe(start_broker(), self._loop).result(START_TIMEOUT_S)
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        if self._broker is not None:
+            asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(STOP_TIMEOUT_S)
+            self._broker = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(STOP_TIMEOUT_S)
+        self._loop.close()
+        self._loop = None
+
+
+def choose_broker(choice: str, workdir: Path) -> Broker:
+    """`mosquitto`, `embedded`, or `auto`: mosquitto when installed, else the embedded one."""
+    if choice == "embedded" or (choice == "auto" and find_mosquitto() is None):
+        return EmbeddedBroker()
+    return MosquittoBroker(workdir)
