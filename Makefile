@@ -33,7 +33,8 @@ demo-model: $(VENV)/.installed
 	$(PY) -m trainer export build/demo-run --out demo/bundle --target portable --max-batch 8
 
 # Every benchmark in one run (12 min here); writes docs/benchmarks.md. BENCH_ARGS="--run RUN"
-# serves a trained run in the daemon benchmark instead of a 2-step model.
+# serves a trained run in the daemon benchmark instead of a 2-step model; "--soak-minutes 30" adds
+# the soak (a fixed frame rate through the daemon, its memory watched).
 bench: $(VENV)/.installed
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 

@@ -2,7 +2,7 @@
 their tables as they come and writes them all to docs/benchmarks.md with the machine and the
 command.
 
-    .venv/bin/python bench/run_all.py [--run RUN] [--out docs/benchmarks.md]
+    .venv/bin/python bench/run_all.py [--run RUN] [--soak-minutes N] [--out docs/benchmarks.md]
 """
 
 import argparse
@@ -34,6 +34,8 @@ def run_script(script: str, extra: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="trained run for the daemon benchmark (default: a 2-step model)")
+    parser.add_argument("--soak-minutes", type=float, default=0.0,
+                        help="also run bench/soak.py for this long (default: not)")
     parser.add_argument("--out", type=Path, default=BENCH.parent / "docs" / "benchmarks.md")
     args = parser.parse_args()
     started = time.monotonic()
@@ -41,6 +43,8 @@ def main() -> None:
     print(f"# {machine}\n", flush=True)
     sections = [run_script(script, ["--run", str(args.run)] if script == "daemon_vs_bare.py" and args.run else [])
                 for script in SCRIPTS]
+    if args.soak_minutes > 0:
+        sections.append(run_script("soak.py", ["--minutes", f"{args.soak_minutes:g}"]))
     command = shlex.join(["bench/run_all.py", *sys.argv[1:]])
     minutes = (time.monotonic() - started) / 60
     args.out.write_text(

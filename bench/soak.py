@@ -6,7 +6,7 @@ at a fixed rate, and a subscriber counts the answers: a verdict, or an error rep
 frame, once per (camera_id, frame_id) as delivery is at least once. The daemon's RSS (VmRSS, and
 its peak VmHWM) is read every 10 s. Prints a row a minute; at the end, the RSS growth after the
 first minute (model loaded, allocator warm) and the frames that got no answer: exit code 1 if any.
-Too long for `make bench` (not in bench/run_all.py):
+Too long for every `make bench`: `make bench BENCH_ARGS="--soak-minutes 30"` adds it, or alone:
 
     .venv/bin/python bench/soak.py --minutes 30 [--fps 10] [--bundle demo/bundle] [--images demo/hazelnut/test]
 """
@@ -23,7 +23,6 @@ import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from machine import describe
 from edge.replay import positive_float
 from harness import HarnessError
 from harness.broker import MosquittoBroker
@@ -195,7 +194,6 @@ def main() -> None:
     height, width = frames[0].shape[:2]
     count = max(1, round(args.minutes * 60 * args.fps))
 
-    print(f"# {describe()}\n", flush=True)
     print(f"### Soak: `edge serve` at {args.fps:g} frames/s for {args.minutes:g} min\n")
     print(f"{count} raw bgr8 frames ({len(frames)} pictures from {args.images}, {width}×{height}, looped) to "
           f"bundle {args.bundle}; answers counted at an MQTT subscriber; the daemon's RSS in MB.\n")
