@@ -124,8 +124,15 @@ class Daemon:
         self.notifier = SystemdNotifier()
         self.ids = AnswerIds()
         self.outbox = Outbox(settings.state_dir, settings.outbox.max_messages, settings.outbox.max_bytes)
-        # Bound before the model loads: a busy port fails in a second, not after the warm-up.
+        # Ports are taken before the model loads: a busy one fails in a second, not after the warm-up.
         self._socket = self._open_socket()
+        if settings.metrics_port:
+            try:
+                self.metrics.serve(settings.metrics_port)
+            except OSError as err:
+                self._socket.close()
+                raise StartupError(f"cannot serve metrics on 127.0.0.1:{settings.metrics_port} "
+                                   f"(metrics_port): {err}") from None
         self.model: LoadedModel = BackgroundLoad(settings.bundle, settings.inference.backend).result()
         self._model_lock = threading.Lock()
         self.metrics.outbox_depth.set_function(lambda: len(self.outbox))
@@ -228,8 +235,6 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until shutdown is requested or a thread dies; then drain. Returns the exit code."""
-        if self.settings.metrics_port:
-            self.metrics.serve(self.settings.metrics_port)
         self._answer_previous_run()
         self._published = ("online", None, self.model.bundle.manifest_sha256)
         self.metrics.state.state("online")
