@@ -110,6 +110,7 @@ def test_fuzz_10000_hostile_messages_then_valid_frames_all_answered_within_a_mem
     assert rejected + verdicts == received, "every message got exactly one answer: an error or a verdict"
     assert rejected > 8_000 and metric(daemon, "edge_camera_disconnects_total") >= 1
     growth_mb = daemon.memory().peak_mb - ready_peak_mb
+    print(f"fuzz: peak RSS {ready_peak_mb:.0f} MB at ready, +{growth_mb:.0f} MB after; stated bound {bound_mb} MB")
     assert growth_mb <= bound_mb, f"peak RSS grew {growth_mb:.0f} MB during the fuzz; the stated bound is {bound_mb} MB"
 
 

@@ -14,9 +14,10 @@ def test_published_json_schema_is_current(name):
         f"{published} is stale: run `python -m protocols.schemas docs/schemas`")
 
 
-def test_protocols_imports_neither_side():
+def test_protocols_imports_neither_side_and_nothing_shipped_imports_the_harness():
     root = Path(__file__).resolve().parents[1]
-    for package, forbidden in (("protocols", ("trainer", "edge")), ("edge", ("trainer",))):
+    for package, forbidden in (("protocols", ("trainer", "edge", "harness")), ("edge", ("trainer", "harness")),
+                               ("trainer", ("harness",))):
         for path in (root / package).rglob("*.py"):
             for line in path.read_text().splitlines():
                 stripped = line.strip()
