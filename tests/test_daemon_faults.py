@@ -115,10 +115,13 @@ def test_fuzz_10000_hostile_messages_then_valid_frames_all_answered_within_a_mem
 
 
 def send(endpoint: str, frames: list[tuple[str, np.ndarray]], interval_s: float = 0.0, meta: dict | None = None):
-    with FramePublisher(endpoint) as camera:
+    camera = FramePublisher(endpoint)
+    try:
         for frame_id, image in frames:
             camera.send_image(image, frame_id, meta=meta, timeout_ms=120_000)
             time.sleep(interval_s)
+    finally:
+        camera.close(linger_ms=120_000)  # a daemon holding back (full disk) still gets the last frames
 
 
 def test_a_backend_that_raises_answers_every_frame_degrades_reloads_and_isolates_bad_frames(
