@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ import torch
 import zmq
 from hostile_frames import hostile_messages
 from mqtt_broker import Subscriber, _free_port
-from station_process import PREFIX, STATION, answers, faulty_bundle, wait_for_answers
+from station_process import PREFIX, STATION, faulty_bundle, wait_for_answers
 
 from edge.replay import replay
 from protocols.messages import ErrorReport, Result, Status

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import hazelnut_images
 
-from trainer.diffusion import linear_alpha_bars, norm_guided_x0, predict_x0, q_sample
+from trainer.diffusion import linear_alpha_bars, norm_guided_x0, q_sample
 from trainer.fused import FusedInference, fixed_noise
 from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
