@@ -108,14 +108,19 @@ def to_model_input(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
 class FrameIdGaps:
     """Frames lost before they reached us, where a camera numbers its frames (sub mode: ZeroMQ drops
     silently at the high-water mark). Counts jumps in integer frame ids per camera; a restart of the
-    counter (a smaller id) is not a gap."""
+    counter (a smaller id) is not a gap. Remembers at most MAX_CAMERAS cameras (the least recently
+    seen is forgotten), so a sender inventing camera ids cannot grow it without bound."""
+
+    MAX_CAMERAS = 1024
 
     def __init__(self) -> None:
-        self._last: dict[str, int] = {}
+        self._last: dict[str, int] = {}  # insertion order = least recently seen first
 
     def missed(self, camera_id: str, frame_id: str) -> int:
         if not re.fullmatch(r"\d{1,18}", frame_id):
             return 0
-        number, last = int(frame_id), self._last.get(camera_id)
+        number, last = int(frame_id), self._last.pop(camera_id, None)
+        if len(self._last) >= self.MAX_CAMERAS:
+            del self._last[next(iter(self._last))]
         self._last[camera_id] = number
         return number - last - 1 if last is not None and number > last + 1 else 0

@@ -81,6 +81,9 @@ def test_frame_id_gaps_count_missing_numbers_per_camera_and_ignore_restarts():
     assert [gaps.missed("a", f) for f in ("000001", "000002", "000005", "000001", "000003", "x7", "000004")] == \
         [0, 0, 2, 0, 1, 0, 0]
     assert gaps.missed("b", "000009") == 0
+    for camera in range(FrameIdGaps.MAX_CAMERAS):  # invented camera ids push out the least recent
+        gaps.missed(f"x{camera}", "1")
+    assert gaps.missed("a", "000009") == 0 and len(gaps._last) == FrameIdGaps.MAX_CAMERAS
 
 
 def test_answer_ids_are_unique_and_sort_by_time_across_threads():
