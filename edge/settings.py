@@ -13,6 +13,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class CurveSettings(_Section):
+    secret_key_file: Path = Field(description="the station's secret certificate (`edge keys`; ZeroMQ's format)")
+    authorized_keys_dir: Path = Field(description="public certificates of the cameras allowed to send frames")
+
+
 class ZmqSettings(_Section):
     bind: str = Field("tcp://127.0.0.1:5555", description="PULL endpoint cameras connect to (pull mode)")
     mode: Literal["pull", "sub"] = Field("pull", description="pull: cameras push to us (never drops); sub: we "
@@ -25,6 +30,8 @@ class ZmqSettings(_Section):
     max_meta_bytes: int = Field(16 * 1024, ge=0, description="larger `meta` (as compact JSON) is rejected")
     max_pixels: int = Field(64_000_000, gt=0, description="frames declaring more pixels are rejected before "
                             "decoding (JPEG/PNG: the size in the file's own header)")
+    curve: CurveSettings | None = Field(None, description="ZeroMQ CURVE: only cameras with an authorised "
+                                        "certificate reach the decoder (section present = on)")
 
 
 class TlsSettings(_Section):
@@ -39,7 +46,9 @@ class MqttSettings(_Section):
     protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
     client_id: str | None = Field(None, description="default: edge-<station_id>")
     username: str | None = Field(None, description="broker user name")
-    password: str | None = Field(None, description="broker password")
+    password: str | None = Field(None, description="broker password (prefer password_file)")
+    password_file: Path | None = Field(None, description="file holding the broker password, e.g. a systemd "
+                                       "credential (`%d/mqtt-password`)")
     tls: TlsSettings | None = Field(None, description="enable TLS (section present = on)")
     keepalive_s: int = Field(30, gt=0, description="MQTT keep-alive")
     topic_prefix: str | None = Field(None, description="default: inspection/<station_id>")
@@ -85,6 +94,8 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path("/var/lib/edge"), description="outbox database and other state")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
     metrics_port: int = Field(9108, ge=0, lt=65536, description="Prometheus endpoint on 127.0.0.1 (0: off)")
+    trusted_keys_dir: Path | None = Field(None, description="Ed25519 public keys (`*.pub`, `trainer keygen`): "
+                                          "when set, only bundles signed by one of them are loaded")
     reload_watch: bool = Field(True, description="reload when the bundle's manifest changes (besides SIGHUP)")
     zmq: ZmqSettings = ZmqSettings()
     mqtt: MqttSettings = MqttSettings()
@@ -96,6 +107,8 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if self.mqtt.reconnect_min_s > self.mqtt.reconnect_max_s:
             raise ValueError("mqtt.reconnect_min_s must not exceed mqtt.reconnect_max_s")
+        if self.mqtt.password is not None and self.mqtt.password_file is not None:
+            raise ValueError("mqtt.password and mqtt.password_file are mutually exclusive")
         if self.zmq.mode == "sub" and not self.zmq.connect:
             raise ValueError("zmq.connect must list at least one endpoint in sub mode")
         return self
