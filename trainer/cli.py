@@ -1,4 +1,5 @@
-"""`trainer fit | eval | synth`: thin wrappers over the library with one-line errors."""
+"""`trainer fit | eval | export | sign | keygen | synth`: thin wrappers over the library with
+one-line errors."""
 
 import argparse
 import re
@@ -44,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="portable: the torch.export program only; cpu: + AOTInductor package if faster; "
                              "tensorrt: + TensorRT engines (on the GPU); all")
     export.add_argument("--max-batch", type=int, default=8)
+    export.add_argument("--sign-key", type=Path, metavar="FILE",
+                        help="Ed25519 private key (trainer keygen): sign the bundle for stations with trusted_keys_dir")
+
+    sign = sub.add_parser("sign", help="(re-)sign a bundle, e.g. after its thresholds were changed")
+    sign.add_argument("bundle", type=Path)
+    sign.add_argument("--sign-key", type=Path, metavar="FILE", required=True, help="Ed25519 private key")
+
+    keygen = sub.add_parser("keygen", help="write a bundle-signing key pair")
+    keygen.add_argument("--out", type=Path, required=True, help="directory for NAME.key (private) and NAME.pub")
+    keygen.add_argument("--name", default="bundle-signing", help="file name stem (default: %(default)s)")
 
     synth = sub.add_parser("synth", help="write sample synthetic anomalies as pictures")
     synth.add_argument("data_dir", type=Path)
@@ -87,9 +98,25 @@ def run_eval(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from trainer.export.bundle import export_bundle
 
-    manifest = export_bundle(args.run_dir, args.out, args.target, args.max_batch)
+    manifest = export_bundle(args.run_dir, args.out, args.target, args.max_batch, args.sign_key)
+    signed = f", signed with {args.sign_key}" if args.sign_key else ""
     print(f"bundle {manifest.model.name} {manifest.model.version} → {args.out} "
-          f"({', '.join(f.path for f in manifest.files)})")
+          f"({', '.join(f.path for f in manifest.files)}{signed})")
+
+
+def run_sign(args: argparse.Namespace) -> None:
+    from trainer.export.signing import sign_bundle
+
+    signature = sign_bundle(args.bundle, args.sign_key)
+    print(f"signed {args.bundle} with key {signature.key_id}")
+
+
+def run_keygen(args: argparse.Namespace) -> None:
+    from protocols.signing import write_key_pair
+
+    private_path, public_path = write_key_pair(args.out, args.name)
+    print(f"private key {private_path} (keep it off the stations)\n"
+          f"public key  {public_path} (copy into each station's trusted_keys_dir)")
 
 
 def run_synth(args: argparse.Namespace) -> None:
@@ -104,11 +131,14 @@ def run_synth(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from trainer.data.mvtec import DataError
+    from protocols.signing import SignatureError
     from trainer.export.tensorrt import TensorRTUnavailable
 
+    commands = {"fit": run_fit, "eval": run_eval, "export": run_export, "sign": run_sign, "keygen": run_keygen,
+                "synth": run_synth}
     try:
-        {"fit": run_fit, "eval": run_eval, "export": run_export, "synth": run_synth}[args.command](args)
-    except (ConfigError, DataError, FloatingPointError, TensorRTUnavailable) as err:
+        commands[args.command](args)
+    except (ConfigError, DataError, FloatingPointError, TensorRTUnavailable, SignatureError) as err:
         print(f"trainer {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

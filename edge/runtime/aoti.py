@@ -1,4 +1,8 @@
-"""The ahead-of-time compiled CPU package (AOTInductor): no Python graph at run time."""
+"""The ahead-of-time compiled CPU package (AOTInductor): no Python graph at run time.
+
+The package is a zip holding a compiled shared library, which torch extracts and loads: it is
+native code and runs as the station's user. Only a bundle signature (trusted_keys_dir) says who
+built it; the file loaded is the verified private copy."""
 
 from pathlib import Path
 
@@ -6,6 +10,7 @@ import numpy as np
 import torch
 
 from edge.runtime.backend import Backend
+from edge.runtime.program_archive import weights_only_unpickling
 from protocols.bundle import Manifest
 
 
@@ -19,7 +24,8 @@ class AotiCpuBackend(Backend):
         return True
 
     def __init__(self, path: Path, manifest: Manifest):
-        self.runner = torch._inductor.aoti_load_package(str(path))
+        with weights_only_unpickling():  # the package's weights, if any were pickled
+            self.runner = torch._inductor.aoti_load_package(str(path))
 
     @torch.inference_mode()
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

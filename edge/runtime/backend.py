@@ -25,7 +25,8 @@ class Backend(ABC):
 
     @abstractmethod
     def __init__(self, path: Path, manifest: Manifest):
-        """Load the (already sha256-verified) file; raise BackendUnavailable if this machine can't."""
+        """Load the file: the verified private copy (edge/runtime/bundle.py), never the bundle's
+        own. Raise BackendUnavailable if this machine can't."""
 
     @abstractmethod
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from edge.runtime.backend import Backend
+from edge.runtime.program_archive import load_program
 from protocols.bundle import Manifest
 
 
@@ -20,7 +21,7 @@ class ExportedCpuBackend(Backend):
         return True
 
     def __init__(self, path: Path, manifest: Manifest):
-        program = torch.export.load(path)
+        program = load_program(path)
         if self.device.type != "cpu":
             program = torch.export.passes.move_to_device_pass(program, self.device)
         self.module = program.module()

@@ -2,6 +2,7 @@
 this machine can run. Each candidate is warmed up and timed at every batch size up to the
 bundle's maximum, on the bundle's own input size; the daemon batches at the fastest size."""
 
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from edge.runtime.backend import Backend, BackendUnavailable
 from edge.runtime.bundle import BundleError, VerifiedBundle, verify_bundle
 from edge.runtime.exported import ExportedCpuBackend, ExportedCudaBackend
 from edge.runtime.tensorrt import TensorRTBackend
+from protocols.bundle import BundleFile
+from protocols.signing import SignatureError, load_trusted_keys
 
 BACKENDS: tuple[type[Backend], ...] = (TensorRTBackend, ExportedCudaBackend, AotiCpuBackend, ExportedCpuBackend)
 BACKEND_KEYS = ("auto", *(b.key for b in BACKENDS))
@@ -44,14 +47,14 @@ class LoadedModel:
         return self.backend.infer(images)
 
 
-def _candidates(bundle: VerifiedBundle, choice: str) -> list[tuple[type[Backend], Path]]:
+def _candidates(bundle: VerifiedBundle, choice: str) -> list[tuple[type[Backend], BundleFile]]:
     found = []
     for backend in BACKENDS:
         if choice not in ("auto", backend.key):
             continue
         for entry in bundle.manifest.files:
             if entry.format in backend.formats and backend.available():
-                found.append((backend, bundle.root / entry.path))
+                found.append((backend, entry))
                 break
     return found
 
@@ -78,35 +81,52 @@ def warm_up(backend: Backend, bundle: VerifiedBundle) -> dict[int, float]:
     return rates
 
 
-def load_model(root: Path, choice: str = "auto") -> LoadedModel:
-    """Verify, load and warm up. Any failure is a BundleError naming the bundle and the cause."""
+def load_model(root: Path, choice: str = "auto", trusted_keys_dir: Path | None = None) -> LoadedModel:
+    """Verify, load and warm up. With `trusted_keys_dir`, only a bundle signed by one of its keys
+    (read at every load, so a key can be added or withdrawn with a reload). Any failure is a
+    BundleError naming the bundle and the cause."""
     if choice not in BACKEND_KEYS:
         raise BundleError(f"unknown backend {choice!r}; choose one of {', '.join(BACKEND_KEYS)}")
-    # Resolved once: verification and loading read the same directory even if a symlink flips.
-    root = root.resolve()
-    bundle = verify_bundle(root)
+    try:
+        trusted_keys = load_trusted_keys(trusted_keys_dir) if trusted_keys_dir is not None else None
+    except SignatureError as err:
+        raise BundleError(str(err)) from None
+    # The backends read the verified copies, which live only until the model is in memory.
+    with tempfile.TemporaryDirectory(prefix="edge-bundle-") as copy_dir:
+        return _load_verified(verify_bundle(root, trusted_keys, Path(copy_dir)), choice)
+
+
+def _load_verified(bundle: VerifiedBundle, choice: str) -> LoadedModel:
+    root = bundle.root
     candidates = _candidates(bundle, choice)
     if not candidates:
         formats = sorted({f.format for f in bundle.manifest.files})
         raise BundleError(f"{root}: no backend {'' if choice == 'auto' else choice + ' '}on this machine "
                           f"can run the bundle's files ({', '.join(formats)})")
     loaded = []
-    for backend_type, path in candidates:
+    for backend_type, entry in candidates:
+        path = root / entry.path
         try:
-            backend = backend_type(path, bundle.manifest)
+            backend = backend_type(bundle.copies[entry.path], bundle.manifest)
         except BackendUnavailable:
             continue
         except Exception as err:  # a file that verifies but will not load is still a bad bundle
-            raise BundleError(f"{path}: cannot be loaded by {backend_type.key}: {err}") from err
+            raise BundleError(f"{path}: cannot be loaded by {backend_type.key}: {_first_line(err)}") from err
         try:
             rates = warm_up(backend, bundle)
         except Exception as err:
             raise BundleError(f"{path}: fails its warm-up on {backend_type.key}: "
-                              f"{type(err).__name__}: {str(err).strip()[:300]}") from err
+                              f"{type(err).__name__}: {_first_line(err)}") from err
         loaded.append(LoadedModel(bundle, backend, rates))
     if not loaded:
         raise BundleError(f"{root}: none of the candidate backends could start here")
     return max(loaded, key=lambda m: m.images_per_second)
+
+
+def _first_line(err: Exception) -> str:
+    """Torch's errors run to many lines; a refusal is reported in one."""
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 class BackgroundLoad:
@@ -117,15 +137,16 @@ class BackgroundLoad:
     than there are CPUs: a warm-up on a long-lived thread would leave such a pool and slow every
     later batch of the inference thread (≈15–20 % on 2 cores, measured)."""
 
-    def __init__(self, root: Path, choice: str = "auto") -> None:
+    def __init__(self, root: Path, choice: str = "auto", trusted_keys_dir: Path | None = None) -> None:
         self._done = threading.Event()
         self._model: LoadedModel | None = None
         self._error: BaseException | None = None
-        threading.Thread(target=self._load, args=(root, choice), name="model-load", daemon=True).start()
+        threading.Thread(target=self._load, args=(root, choice, trusted_keys_dir), name="model-load",
+                         daemon=True).start()
 
-    def _load(self, root: Path, choice: str) -> None:
+    def _load(self, root: Path, choice: str, trusted_keys_dir: Path | None) -> None:
         try:
-            self._model = load_model(root, choice)
+            self._model = load_model(root, choice, trusted_keys_dir)
         except BaseException as err:  # handed to the caller of result()
             self._error = err
         finally:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from edge.runtime.backend import Backend, BackendUnavailable
+from edge.runtime.program_archive import load_program
 from protocols.bundle import Manifest
 
 
@@ -32,10 +33,15 @@ class TensorRTBackend(Backend):
     def __init__(self, path: Path, manifest: Manifest):
         if not self.available():
             raise BackendUnavailable("the TensorRT backend needs a CUDA GPU and torch-tensorrt")
-        import torch_tensorrt
+        import torch_tensorrt  # noqa: F401  (registers the tensorrt::execute_engine op the graph calls)
+        from torch_tensorrt._features import ENABLED_FEATURES
 
-        # Importing torch_tensorrt registers the tensorrt::execute_engine op the saved graph calls.
-        self.module = torch_tensorrt.load(str(path)).module()
+        if not ENABLED_FEATURES.torch_tensorrt_runtime:
+            import torch_tensorrt.dynamo.runtime._TRTEngine  # noqa: F401  (its Python twin of that op)
+        # Not torch_tensorrt.load: when torch.export.load fails it tries torch.jit.load, which
+        # would run a TorchScript file. The engine is a TorchScript-pickled object TensorRT
+        # deserialises (native code, like the AOT package: the bundle signature vouches for it).
+        self.module = load_program(path, allow_script_objects=True).module()
 
     @torch.inference_mode()
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,11 +16,13 @@ from protocols.bundle import (
     MANIFEST_DIGEST_NAME, MANIFEST_NAME, BundleFile, InputSpec, Manifest, MethodSpec, ModelIdentity, Provenance,
     ThresholdSpec, sha256_file,
 )
+from protocols.signing import load_private_key
 from trainer import run_dir as files
 from trainer.config import ConfigError
 from trainer.evaluate import load_run
 from trainer.export.aoti import compile_aoti_package
 from trainer.export.program import export_fused
+from trainer.export.signing import sign_bundle
 
 Target = Literal["portable", "cpu", "tensorrt", "all"]
 PROGRAM = "model.pt2"
@@ -39,10 +41,14 @@ def _metrics(run: Path) -> dict[str, float | None]:
     return metrics
 
 
-def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int = 8) -> Manifest:
-    """Build the bundle in a staging directory and move it into place only when complete."""
+def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int = 8,
+                  sign_key: Path | None = None) -> Manifest:
+    """Build the bundle in a staging directory (signed with `sign_key` if given) and move it into
+    place only when complete."""
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: bundle directory exists and is not empty")
+    if sign_key is not None:
+        load_private_key(sign_key)  # a bad key fails now, not after the compile
     cfg, model, thresholds = load_run(run)
     if not (run / files.VALIDATION).is_file():
         raise ConfigError(f"{run}: not a finished training run (missing {files.VALIDATION})")
@@ -78,6 +84,8 @@ def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int =
                 sha256=sha256_file(staging / TENSORRT_PROGRAM))]})
         (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
         (staging / MANIFEST_DIGEST_NAME).write_text(sha256_file(staging / MANIFEST_NAME) + "\n")
+        if sign_key is not None:
+            sign_bundle(staging, sign_key)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()
