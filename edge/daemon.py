@@ -35,6 +35,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from edge.answer_ids import AnswerIds
+from edge.camera_auth import HANDSHAKE_FAILED, CameraAuth, CameraAuthError
 from edge.frame_queue import FrameQueue
 from edge.frames import Frame, FrameIdGaps, decode_message, to_model_input
 from edge.metrics import DaemonMetrics
@@ -45,6 +46,7 @@ from edge.runtime.loader import BackgroundLoad, LoadedModel
 from edge.settings import Settings
 from edge.systemd import SystemdNotifier
 from protocols.bundle import MANIFEST_DIGEST_NAME, InputSpec
+from protocols.signing import SIGNATURE_NAME
 from protocols.messages import (
     ErrorReport, FrameError, FrameHeader, LatencyMs, ModelRef, Result, ResultFlag, Status, decode_header,
 )
@@ -124,6 +126,13 @@ class Daemon:
         self.notifier = SystemdNotifier()
         self.ids = AnswerIds()
         self.outbox = Outbox(settings.state_dir, settings.outbox.max_messages, settings.outbox.max_bytes)
+        # Reads the MQTT password and TLS files: a bad one fails at once, before the ports and the model.
+        self.link = MqttLink(settings.mqtt, settings.topic_prefix, settings.station_id, self.outbox, self.log)
+        try:
+            self._camera_auth = CameraAuth(settings.zmq, zmq.Context.instance(), self.log,
+                                           self.metrics.camera_refusals)
+        except CameraAuthError as err:
+            raise StartupError(str(err)) from None
         # Ports are taken before the model loads: a busy one fails in a second, not after the warm-up.
         self._socket = self._open_socket()
         if settings.metrics_port:
@@ -133,12 +142,12 @@ class Daemon:
                 self._socket.close()
                 raise StartupError(f"cannot serve metrics on 127.0.0.1:{settings.metrics_port} "
                                    f"(metrics_port): {err}") from None
-        self.model: LoadedModel = BackgroundLoad(settings.bundle, settings.inference.backend).result()
+        self.model: LoadedModel = BackgroundLoad(settings.bundle, settings.inference.backend,
+                                                 settings.trusted_keys_dir).result()
         self._model_lock = threading.Lock()
         self.metrics.outbox_depth.set_function(lambda: len(self.outbox))
         self.metrics.outbox_bytes.set_function(lambda: self.outbox.bytes)
         self.metrics.outbox_evicted.set_function(lambda: self.outbox.evicted_total)
-        self.link = MqttLink(settings.mqtt, settings.topic_prefix, settings.station_id, self.outbox, self.log)
         self.queue: FrameQueue[QueuedFrame] = FrameQueue(settings.inference.queue_size,
                                                           settings.inference.backpressure)
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
@@ -214,6 +223,7 @@ class Daemon:
 
     def request_reload(self) -> None:
         self._reload.set()
+        self._camera_auth.request_reload()
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.request_shutdown())
@@ -244,11 +254,13 @@ class Daemon:
         self.notifier.ready(f"serving {self.model_ref().name} {self.model_ref().version} "
                             f"on {self.model.backend.key}")
         self.log.info("ready", model=self.model_ref().model_dump(), backend=self.model.backend.key,
+                      signed_by=self.model.bundle.signer,
                       images_per_second={size: round(rate, 2) for size, rate in self.model.batch_rates.items()},
                       batch=self.settings.inference.max_batch or self.model.best_batch, zmq=self.settings.zmq.bind,
                       mqtt=f"{self.settings.mqtt.host}:{self.settings.mqtt.port}", prefix=self.settings.topic_prefix,
                       frame_memory_bound_mb=round(self.frame_memory_bound_bytes() / 2 ** 20))
-        watched_digest = self.model.bundle.manifest_sha256
+        # The loaded digest (a bundle replaced during the warm-up is seen) and the signature now.
+        watched = (self.model.bundle.manifest_sha256, self._bundle_marker()[1])
         while not self._shutdown.wait(1.0 if self.notifier.watchdog_interval_s is None
                                       else min(1.0, self.notifier.watchdog_interval_s)):
             if not self.link.sender_alive:
@@ -257,8 +269,8 @@ class Daemon:
                 break
             if self._pipeline_alive():
                 self.notifier.watchdog()
-            if self.settings.reload_watch and (digest := self._bundle_digest()) not in (None, watched_digest):
-                watched_digest = digest
+            if self.settings.reload_watch and (marker := self._bundle_marker())[0] is not None and marker != watched:
+                watched = marker
                 self._reload.set()
             self._step_reload()
             self._report_evictions()
@@ -282,12 +294,17 @@ class Daemon:
                 + (4 + 1 + 4) * zmq_cfg.max_pixels)
 
     # ---- reloads -----------------------------------------------------------------------------
-    def _bundle_digest(self) -> str | None:
-        """The manifest digest the bundle path shows now (through any symlink); None mid-deploy."""
-        try:
-            return (self.settings.bundle / MANIFEST_DIGEST_NAME).read_text().strip() or None
-        except (OSError, UnicodeDecodeError):
-            return None
+    def _bundle_marker(self) -> tuple[str | None, bytes | None]:
+        """The manifest digest (None mid-deploy) and signature the bundle path shows now (through
+        any symlink): a new signature alone also reloads, e.g. a bundle refused as unsigned, then signed."""
+        def read(name: str) -> bytes | None:
+            try:
+                return (self.settings.bundle / name).read_bytes()
+            except OSError:
+                return None
+
+        digest = read(MANIFEST_DIGEST_NAME)
+        return (digest.decode("ascii", "replace").strip() or None) if digest else None, read(SIGNATURE_NAME)
 
     def _step_reload(self) -> None:
         """Start a requested reload, or finish one: loading runs on its own thread, so this
@@ -296,7 +313,8 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.log.info("reload_started", bundle=str(self.settings.bundle))
-                self._loading = BackgroundLoad(self.settings.bundle, self.settings.inference.backend)
+                self._loading = BackgroundLoad(self.settings.bundle, self.settings.inference.backend,
+                                               self.settings.trusted_keys_dir)
             return
         if not self._loading.done():
             return
@@ -314,7 +332,7 @@ class Daemon:
         self.metrics.reloads.labels("swapped").inc()
         self._set_condition("backend", None)  # a fresh backend; publishes the new model's identity too
         self.log.info("reload_done", old=self.model_ref(old).model_dump(), new=self.model_ref(new).model_dump(),
-                      backend=new.backend.key)
+                      backend=new.backend.key, signed_by=new.bundle.signer)
 
     # ---- shutdown ----------------------------------------------------------------------------
     def _drain(self) -> int:
@@ -416,6 +434,7 @@ class Daemon:
         # Checked by ZeroMQ per message part before it allocates one: the bytes bound of ingest.
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_payload_bytes)
         sock.setsockopt(zmq.LINGER, 0)
+        self._camera_auth.secure(sock)  # before bind/connect: no peer gets in unchecked
         endpoint = ", ".join(cfg.connect) if cfg.mode == "sub" else cfg.bind
         try:
             if cfg.mode == "sub":
@@ -425,22 +444,24 @@ class Daemon:
                 sock.bind(cfg.bind)
         except zmq.ZMQError as err:
             sock.close()
+            self._camera_auth.stop()
             raise StartupError(f"cannot {'connect to' if cfg.mode == 'sub' else 'bind'} {endpoint} "
                                f"(zmq.{'connect' if cfg.mode == 'sub' else 'bind'}): {err}") from None
         return sock
 
     def _receive_loop(self) -> None:
         sock = self._socket
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         try:
             while not self._shutdown.is_set():
                 self._beats["receiver"] = time.monotonic()
+                self._camera_auth.reload_if_requested()
                 ready = dict(poller.poll(POLL_MS))
-                if monitor in ready:
-                    recv_monitor_message(monitor)
+                # A refused handshake (counted there) is no camera's disconnect.
+                if monitor in ready and not self._camera_auth.observe(recv_monitor_message(monitor)):
                     self.metrics.camera_disconnects.inc()
                     self.log.warning("camera_disconnected", note="the camera closed, or sent a message part over "
                                      "zmq.max_payload_bytes (ZeroMQ then resets the connection)")
@@ -456,6 +477,8 @@ class Daemon:
             sock.disable_monitor()
             monitor.close()
             sock.close()
+            # Only now: a CURVE socket without its ZAP handler would let any key in.
+            self._camera_auth.stop()
             self._receiver_done.set()
 
     def _accept(self, parts: list[zmq.Frame]) -> None:

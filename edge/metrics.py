@@ -20,6 +20,8 @@ class DaemonMetrics:
                                      "frame ids per camera; ZeroMQ drops at the high-water mark)", registry=r)
         self.camera_disconnects = Counter("edge_camera_disconnects", "Camera connections closed (by the camera, "
                                           "or by ZeroMQ for a message part over zmq.max_payload_bytes)", registry=r)
+        self.camera_refusals = Counter("edge_camera_refusals", "Connections refused during ZeroMQ's handshake, "
+                                       "before any message (reasons: edge/camera_auth.py)", ["reason"], registry=r)
         self.results = Counter("edge_results", "Verdicts handed to the outbox", ["verdict"], registry=r)
         self.errors = Counter("edge_errors", "Error reports handed to the outbox", ["kind"], registry=r)
         for kind in get_args(ErrorKind):

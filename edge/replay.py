@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 
 from protocols.messages import CAMERA_ID_PATTERN
-from protocols.publisher import FramePublisher, PixelFormat
+from protocols.publisher import CurveClientKeys, FramePublisher, PixelFormat
 
 ReplayEncoding = Literal["file", "jpeg", "png", "raw"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
@@ -38,20 +38,22 @@ class WireFrame:
 
 
 def replay(source: Path, connect: str, fps: float | None = None, camera_id: str = "cam0",
-           encoding: ReplayEncoding | None = None, limit: int | None = None, loop: bool = False) -> int:
+           encoding: ReplayEncoding | None = None, limit: int | None = None, loop: bool = False,
+           curve: CurveClientKeys | None = None) -> int:
     """Send every image of a folder (recursive, in path order) or every frame of a video to the
     frame endpoint `connect`; return how many frames were sent. Frame ids are 000000, 000001, ...
 
     encoding: `file` (the default for folders) sends JPEG/PNG files' bytes as they are; `jpeg`
     (the default for videos), `png` and `raw` (bgr8, or mono8 for grayscale images) decode and
     re-encode. fps: frame n goes at start + n / fps (a fixed schedule: no drift), else as fast as
-    the daemon takes them. loop: start over at the end (stop with `limit` or Ctrl-C).
+    the daemon takes them. loop: start over at the end (stop with `limit` or Ctrl-C). curve: keys
+    for a station that only takes CURVE cameras (`zmq.curve`).
     Raises TimeoutError if the daemon accepts no frame for STALL_TIMEOUT_MS.
     """
     frames = _passes(_open_source(source, encoding), loop)
     if limit is not None:
         frames = itertools.islice(frames, limit)
-    publisher = FramePublisher(connect, camera_id)
+    publisher = FramePublisher(connect, camera_id, curve=curve)
     try:
         sent = _send_all(publisher, frames, fps)
     except BaseException:
@@ -162,13 +164,24 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file: image files as they are (folder default); "
                              "jpeg (video default), png, raw: decode and re-encode")
     parser.add_argument("--loop", action="store_true", help="start over at the end (until --limit or Ctrl-C)")
+    parser.add_argument("--server-key", type=Path, metavar="FILE",
+                        help="the station's public certificate (its NAME.key from `edge keys`), for a station with "
+                             "zmq.curve; with --camera-key")
+    parser.add_argument("--camera-key", type=Path, metavar="FILE",
+                        help="this camera's secret certificate (NAME.key_secret; the station authorises NAME.key)")
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    """`edge replay`: exit code 0 when every frame was sent, 1 on an error, 130 on Ctrl-C."""
+    """`edge replay`: exit code 0 when every frame was sent, 1 on an error, 2 on a usage error, 130 on Ctrl-C."""
+    if (args.server_key is None) != (args.camera_key is None):
+        print("edge replay: error: --server-key and --camera-key go together (CURVE needs the station's public "
+              "certificate and this camera's secret one)", file=sys.stderr)
+        return 2
     started = time.monotonic()
     try:
-        sent = replay(args.source, args.connect, args.fps, args.camera_id, args.encoding, args.limit, args.loop)
+        curve = CurveClientKeys.from_files(args.server_key, args.camera_key) if args.server_key else None
+        sent = replay(args.source, args.connect, args.fps, args.camera_id, args.encoding, args.limit, args.loop,
+                      curve)
     except (OSError, ValueError, zmq.ZMQError) as err:  # TimeoutError is an OSError
         print(f"edge replay: error: {err}", file=sys.stderr)
         return 1

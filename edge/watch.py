@@ -1,11 +1,15 @@
 """`edge watch`: print a station's verdicts, status changes and frame errors as they arrive on the
-MQTT broker, one line each."""
+MQTT broker, one line each. It connects as the daemon does (TLS, mutual TLS, a login)."""
 
 import argparse
+import collections
 import queue
+import ssl
 import sys
+import threading
 import time
 from datetime import datetime
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -13,9 +17,15 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
+from edge.mqtt.link import configure_security, read_password_file
+from edge.settings import SettingsError, TlsSettings
 from protocols.messages import ErrorReport, Result, Status, error_topic, result_topic, status_topic
 
 GREEN, RED, RESET = "\033[32m", "\033[31m", "\033[0m"
+
+
+class WatchError(Exception):
+    """The broker would not let `edge watch` in (refused the login, closed the connection)."""
 
 
 def format_result_line(result: Result, color: bool = False) -> str:
@@ -79,40 +89,79 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, metavar="N", help="exit after N results")
     parser.add_argument("--timeout", type=float, metavar="S", help="exit after S seconds")
     parser.add_argument("--json", action="store_true", help="print the payloads as they are")
+    security = parser.add_argument_group("TLS and login (as the daemon's mqtt.tls, mqtt.username, mqtt.password_file)")
+    security.add_argument("--tls", action="store_true", help="TLS, verifying the broker with the system's CAs "
+                          "(implied by the file options below)")
+    security.add_argument("--ca-certs", type=Path, metavar="FILE", help="CA bundle to verify the broker")
+    security.add_argument("--certfile", type=Path, metavar="FILE", help="client certificate (mutual TLS)")
+    security.add_argument("--keyfile", type=Path, metavar="FILE", help="client key, unless it is in --certfile")
+    security.add_argument("--username", help="broker user name")
+    security.add_argument("--password-file", type=Path, metavar="FILE",
+                          help="file holding the password (never on the command line: `ps` shows it)")
 
 
 def run_watch(args: argparse.Namespace) -> int:
-    """`edge watch`: exit code 0, or 1 if the broker is unreachable or --timeout came before
-    --count results; 130 on Ctrl-C."""
+    """`edge watch`: exit code 0; 1 if the broker is unreachable, fails the TLS handshake, refuses
+    the login or closes the first connection, or --timeout came before --count results; 2 for
+    unusable options or files; 130 on Ctrl-C."""
     prefix = args.prefix or f"inspection/{args.station}"
-    # The MQTT network thread hands messages and connection notices to this thread, which prints.
-    inbox: queue.Queue[mqtt.MQTTMessage | str] = queue.Queue()
+    # The MQTT network thread hands messages, connection notices and a WatchError to this thread,
+    # which prints.
+    inbox: queue.Queue[mqtt.MQTTMessage | str | WatchError] = queue.Queue()
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    try:
+        _configure_security(client, args)
+    except SettingsError as err:
+        print(f"edge watch: error: {err}", file=sys.stderr)
+        return 2
+    # Until the broker has let the watch in once, a refusal means wrong options: end with one line
+    # rather than retrying for ever. Afterwards (a broker restart) it reconnects and says so.
+    accepted = threading.Event()
+    # paho says why it dropped a connection only in its log: keep the last error line.
+    paho_error: collections.deque[str] = collections.deque(maxlen=1)
+
+    def on_log(client: mqtt.Client, userdata: None, level: int, message: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            paho_error.append(message)
 
     def on_connect(client: mqtt.Client, userdata: None, flags: mqtt.ConnectFlags, reason_code: ReasonCode,
                    properties: Properties | None) -> None:
         if reason_code.is_failure:
-            inbox.put(f"edge watch: broker refused the connection: {reason_code}")
+            refused = f"the broker refused the connection: {reason_code}"
+            inbox.put(f"edge watch: {refused}" if accepted.is_set() else WatchError(refused))
             return
+        accepted.set()
         # (Re)subscribe on every connect: a clean session forgets subscriptions.
         client.subscribe([(result_topic(prefix, "+"), 1), (status_topic(prefix), 1), (error_topic(prefix), 1)])
 
     def on_disconnect(client: mqtt.Client, userdata: None, flags: mqtt.DisconnectFlags, reason_code: ReasonCode,
                       properties: Properties | None) -> None:
-        if reason_code.is_failure:
+        if not reason_code.is_failure:
+            return
+        if accepted.is_set():
             inbox.put(f"edge watch: lost the broker ({reason_code}); reconnecting")
+        else:  # e.g. a broker that wants a client certificate says so after the TLS handshake
+            inbox.put(WatchError("the broker closed the connection before accepting it: "
+                                 f"{paho_error[0] if paho_error else reason_code}"))
 
+    client.on_log = on_log
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
     client.on_message = lambda client, userdata, message: inbox.put(message)
     try:
         client.connect(args.host, args.port)
+    except ssl.SSLError as err:  # e.g. "certificate verify failed": a wrong CA, or not the broker's name
+        print(f"edge watch: error: TLS handshake with {args.host}:{args.port} failed: {err}", file=sys.stderr)
+        return 1
     except OSError as err:
         print(f"edge watch: error: cannot reach the broker at {args.host}:{args.port}: {err}", file=sys.stderr)
         return 1
     client.loop_start()
     try:
         results = _print_messages(inbox, prefix, args)
+    except WatchError as err:
+        print(f"edge watch: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:
@@ -121,7 +170,21 @@ def run_watch(args: argparse.Namespace) -> int:
     return 0 if args.count is None or results >= args.count else 1
 
 
-def _print_messages(inbox: "queue.Queue[mqtt.MQTTMessage | str]", prefix: str, args: argparse.Namespace) -> int:
+def _configure_security(client: mqtt.Client, args: argparse.Namespace) -> None:
+    """TLS and login from the options, as the daemon does from its settings; SettingsError if unusable."""
+    if args.keyfile and not args.certfile:
+        raise SettingsError("--keyfile needs --certfile")
+    if args.password_file and args.username is None:
+        raise SettingsError("--password-file needs --username")
+    tls = None
+    if args.tls or args.ca_certs or args.certfile:
+        tls = TlsSettings(ca_certs=args.ca_certs, certfile=args.certfile, keyfile=args.keyfile)
+    password = read_password_file(args.password_file) if args.password_file else None
+    configure_security(client, tls, args.username, password)
+
+
+def _print_messages(inbox: "queue.Queue[mqtt.MQTTMessage | str | WatchError]", prefix: str,
+                    args: argparse.Namespace) -> int:
     """Print until --count results or --timeout; return the number of results."""
     color = sys.stdout.isatty()
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
@@ -134,6 +197,8 @@ def _print_messages(inbox: "queue.Queue[mqtt.MQTTMessage | str]", prefix: str, a
             item = inbox.get(timeout=remaining)
         except queue.Empty:
             break
+        if isinstance(item, WatchError):
+            raise item
         if isinstance(item, str):
             print(item, file=sys.stderr)
             continue

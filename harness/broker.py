@@ -2,11 +2,13 @@
 
 import asyncio
 import os
+import pwd
 import shutil
 import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import HarnessError
@@ -31,6 +33,21 @@ def find_mosquitto() -> str | None:
     """The mosquitto binary on PATH or in the sbin folders (often not on a user's PATH)."""
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
     return shutil.which("mosquitto", path=search)
+
+
+def _mosquitto_passwd() -> str:
+    """The tool that writes mosquitto's password files (installed with mosquitto, in a bin folder)."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/bin", "/usr/local/bin"])
+    found = shutil.which("mosquitto_passwd", path=search)
+    if found is None:
+        raise BrokerError("mosquitto_passwd is not installed (it comes with mosquitto)")
+    return found
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BrokerError(f"{Path(command[0]).name} exited with code {done.returncode}: {done.stderr.strip()}")
 
 
 def _listening(port: int) -> bool:
@@ -61,16 +78,40 @@ class Broker:
         self.stop()
 
 
+@dataclass(frozen=True)
+class Listener:
+    """How mosquitto's one listener is secured. The default: plain MQTT, anyone may connect."""
+    certfile: Path | None = None  # the broker's certificate (with `keyfile`): the listener speaks TLS
+    keyfile: Path | None = None
+    cafile: Path | None = None  # the CA that signs client certificates
+    require_certificate: bool = False  # mutual TLS: clients must present a certificate signed by `cafile`
+    users: dict[str, str] = field(default_factory=dict)  # name -> password; any: anonymous clients are refused
+
+    def config_lines(self, password_file: Path) -> list[str]:
+        lines = []
+        if self.certfile is not None:
+            lines += [f"certfile {self.certfile}", f"keyfile {self.keyfile}"]
+        if self.cafile is not None:
+            lines.append(f"cafile {self.cafile}")
+        if self.require_certificate:
+            lines.append("require_certificate true")
+        if self.users:
+            lines.append(f"password_file {password_file}")
+        lines.append(f"allow_anonymous {'false' if self.users else 'true'}")
+        return lines
+
+
 class MosquittoBroker(Broker):
     """The system's mosquitto on 127.0.0.1:`port`; it can be stopped and started again on the same port.
 
     It persists its sessions (into its own folder under `workdir`), so that a subscriber's session
     and subscriptions survive `stop()`/`start()`: without that, a station could re-deliver its
     backlog before the subscriber has re-subscribed, and outage tests would race.
+    `listener` adds TLS, mutual TLS and logins.
     """
     protocol = "5"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, listener: Listener = Listener()) -> None:
         binary = find_mosquitto()
         if binary is None:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
@@ -79,12 +120,19 @@ class MosquittoBroker(Broker):
         self.name = f"mosquitto on 127.0.0.1:{self.port}"
         self._dir = workdir / f"mosquitto-{self.port}"
         self._dir.mkdir(parents=True)
+        password_file = self._dir / "passwords"
+        for i, (user, password) in enumerate(listener.users.items()):
+            # mosquitto stores only salted hashes; -c creates the file with the first user.
+            _run([_mosquitto_passwd(), "-b", *(["-c"] if i == 0 else []), str(password_file), user, password])
         self._config = self._dir / "mosquitto.conf"
-        self._config.write_text(f"listener {self.port} 127.0.0.1\n"
-                                "allow_anonymous true\n"
-                                "persistence true\n"
-                                f"persistence_location {self._dir}/\n"
-                                "log_dest stderr\n")
+        self._config.write_text("\n".join([f"listener {self.port} 127.0.0.1",
+                                           *listener.config_lines(password_file),
+                                           # Started by root, mosquitto would run as `mosquitto`, which
+                                           # cannot read or write this private folder.
+                                           f"user {pwd.getpwuid(os.geteuid()).pw_name}",
+                                           "persistence true",
+                                           f"persistence_location {self._dir}/",
+                                           "log_dest stderr"]) + "\n")
         self._log_path = self._dir / "mosquitto.log"
         self._process: subprocess.Popen | None = None
 

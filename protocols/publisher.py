@@ -3,13 +3,19 @@
 The daemon binds PULL; cameras connect PUSH. The daemon applies backpressure by not reading, so a
 send blocks once ZeroMQ's queue (SNDHWM) and the kernel buffers are full; a send with
 `timeout_ms` raises TimeoutError instead of blocking for longer than that.
+
+A station with `zmq.curve` set only takes cameras that connect with CURVE: pass `CurveClientKeys`
+(the station's public certificate and this camera's secret one, both from `edge keys`).
 """
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import zmq
+import zmq.auth
 
 from protocols.messages import FrameHeader
 
@@ -20,12 +26,32 @@ EncodedFormat = Literal["jpeg", "png"]
 ZERO_COPY_MIN_BYTES = 64 * 1024
 
 
+@dataclass(frozen=True)
+class CurveClientKeys:
+    """A camera's CURVE keys, Z85-encoded as in ZeroMQ certificates: the station's public key (which
+    station the camera talks to) and the camera's own pair (whose public key the station authorises)."""
+    server_public: bytes
+    camera_public: bytes
+    camera_secret: bytes
+
+    @classmethod
+    def from_files(cls, server_cert: Path, camera_secret_cert: Path) -> "CurveClientKeys":
+        """From the station's public certificate (NAME.key) and the camera's secret one (NAME.key_secret).
+        Raises OSError for a missing file, ValueError for a file that is not the right certificate."""
+        server_public, _ = zmq.auth.load_certificate(server_cert)
+        camera_public, camera_secret = zmq.auth.load_certificate(camera_secret_cert)
+        if camera_secret is None:
+            raise ValueError(f"{camera_secret_cert} holds no secret key: pass the camera's .key_secret file")
+        return cls(server_public, camera_public, camera_secret)
+
+
 class FramePublisher:
     """A PUSH socket connected to the daemon's frame endpoint; one per camera process or thread
-    (ZeroMQ sockets are not thread-safe)."""
+    (ZeroMQ sockets are not thread-safe). With `curve`, the link is encrypted and the station checks
+    the camera's key during the handshake; a station that refuses it never reads, so sends time out."""
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", camera_id: str = "cam0", sndhwm: int = 16,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, curve: CurveClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.camera_id = camera_id
         # An own context by default, so that close() can wait for queued frames to go out.
@@ -33,6 +59,10 @@ class FramePublisher:
         self._context = context or zmq.Context()
         self._socket = self._context.socket(zmq.PUSH)
         self._socket.sndhwm = sndhwm
+        if curve is not None:  # before connecting: the handshake uses them
+            self._socket.curve_serverkey = curve.server_public
+            self._socket.curve_publickey = curve.camera_public
+            self._socket.curve_secretkey = curve.camera_secret
         self._socket.connect(endpoint)
 
     def send_image(self, image: np.ndarray, frame_id: str, ts_ns: int | None = None,
@@ -81,7 +111,8 @@ class FramePublisher:
             return self._socket.send(payload, copy=copy, track=track)
         except zmq.Again:
             raise TimeoutError(f"frame {header.frame_id} not accepted within {timeout_ms} ms: "
-                               f"the receiver at {self.endpoint} is not reading (or not running)") from None
+                               f"the receiver at {self.endpoint} is not reading (or not running, or it refused "
+                               f"this camera's handshake: CURVE keys)") from None
 
     def close(self, linger_ms: int = 1000) -> None:
         """Close the socket; frames still queued get up to `linger_ms` to reach the daemon.

@@ -1,5 +1,6 @@
 """Test helpers: the harness's mosquitto (the test skips where it is not installed), and an MQTT 5
-subscriber that collects messages per topic and keeps its session across broker restarts."""
+subscriber that collects messages per topic and keeps its session across broker restarts (over
+TLS and with a login where the broker's listener asks for them)."""
 
 import threading
 import uuid
@@ -10,7 +11,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from harness.broker import MosquittoBroker, find_mosquitto
+from edge.settings import TlsSettings
+from harness.broker import Listener, MosquittoBroker, find_mosquitto
 from harness.broker import free_port as _free_port  # noqa: F401 (tests import it from here)
 
 SUBSCRIBE_TIMEOUT_S = 5.0
@@ -28,9 +30,9 @@ class Broker(MosquittoBroker):
     """`with Broker(tmp_path) as broker:` runs mosquitto on `broker.port` until the block ends;
     `stop()`/`start()` take it away and bring it back on the same port, sessions kept."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, listener: Listener = Listener()) -> None:
         mosquitto_path()
-        super().__init__(workdir)
+        super().__init__(workdir, listener)
 
 
 class Subscriber:
@@ -39,7 +41,8 @@ class Subscriber:
     `with Subscriber(port, "inspection/#") as sub: sub.wait_for("inspection/s/status", 1)`.
     """
 
-    def __init__(self, port: int, topic_filter: str, session_expiry_s: int = 60) -> None:
+    def __init__(self, port: int, topic_filter: str, session_expiry_s: int = 60, tls: TlsSettings | None = None,
+                 username: str | None = None, password: str | None = None) -> None:
         self.port = port
         self._filter = topic_filter
         self._cond = threading.Condition()
@@ -48,6 +51,10 @@ class Subscriber:
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sub-{uuid.uuid4().hex[:12]}",
                                    protocol=mqtt.MQTTv5)
         self._client.reconnect_delay_set(0.1, 0.5)
+        if tls is not None:
+            self._client.tls_set(ca_certs=tls.ca_certs, certfile=tls.certfile, keyfile=tls.keyfile)
+        if username is not None:
+            self._client.username_pw_set(username, password)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message

@@ -15,17 +15,27 @@ Threads:
 - caller threads (the daemon): `start`, `publish_answers`, `publish_error`, `set_status`,
   `wait_drained`, `stop`.
 - paho's network thread (`loop_start`): `_on_connect`, `_on_disconnect`, `_on_publish`,
-  `_on_connect_fail`. They only flip flags and publish the status, never touch the disk.
+  `_on_connect_fail`. They only flip flags and publish the status, never touch the disk; they
+  alone touch the failure-log state (`_failure_*`, `_refused`, `_paho_error`), without a lock.
 - the sender thread (`mqtt-sender`): reads the outbox, calls `client.publish`, removes what was
   acknowledged.
 Lock order: paho runs `on_publish` holding its outgoing-message lock and that callback takes
 `_cond`, so nothing may call `client.publish` while holding `_cond`. `_status_lock` (taken
 before paho's lock, never with `_cond` held) orders status publications so the last one wins.
+
+Failed connection attempts are logged with their cause, and paho goes on retrying with backoff.
+Each kind (broker unreachable, TLS handshake failed, refused by the broker, closed before being
+accepted) is logged at once, then, while it persists, at most once a minute with the latest cause
+and the number of failed attempts since the last line.
 """
 
+import logging
 import sqlite3
+import ssl
+import sys
 import threading
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -33,7 +43,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.mqtt.outbox import Outbox
-from edge.settings import MqttSettings
+from edge.settings import MqttSettings, SettingsError, TlsSettings
 from protocols.messages import ErrorReport, Result, Status, error_topic, result_topic, status_topic
 
 # How long `stop` waits for the broker to acknowledge the final `offline` status.
@@ -42,6 +52,45 @@ _OFFLINE_ACK_TIMEOUT_S = 5.0
 _OUTBOX_RETRY_S = 1.0
 # MQTT 5's default when the broker's CONNACK names no Receive Maximum.
 _DEFAULT_RECEIVE_MAXIMUM = 65535
+# While connecting keeps failing the same way, one log line at most this often.
+_FAILURE_LOG_INTERVAL_S = 60.0
+
+
+def read_password_file(path: Path) -> str:
+    """The password in `path` without its line end; SettingsError naming the file if it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SettingsError(f"cannot read the MQTT password file {path}: "
+                            f"{getattr(err, 'strerror', None) or err}") from None
+    return text.removesuffix("\n").removesuffix("\r")  # editors end the line; the password does not
+
+
+def configure_security(client: mqtt.Client, tls: TlsSettings | None, username: str | None,
+                       password: str | None) -> None:
+    """TLS (when `tls` is given) and the login of `client`; SettingsError naming the files TLS
+    cannot load. Shared by the daemon and `edge watch`."""
+    if tls is not None:
+        try:
+            client.tls_set(ca_certs=str(tls.ca_certs) if tls.ca_certs else None,
+                           certfile=str(tls.certfile) if tls.certfile else None,
+                           keyfile=str(tls.keyfile) if tls.keyfile else None)
+        except OSError as err:  # a missing or unusable file (ssl.SSLError is an OSError)
+            files = ", ".join(str(f) for f in (tls.ca_certs, tls.certfile, tls.keyfile) if f)
+            raise SettingsError(f"cannot load the MQTT TLS files ({files}): {err.strerror or err}") from None
+    if username is not None:
+        client.username_pw_set(username, password)
+
+
+class _LastError(logging.Handler):
+    """Keeps paho's last error message: paho tells only its logger why it dropped a connection."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()
 
 
 def _json_properties(packet_type: int) -> Properties:
@@ -71,13 +120,11 @@ class MqttLink:
         will = Status(state="offline", station_id=station_id, ts_ns=time.time_ns())
         self._client.will_set(status_topic(prefix), will.encode(), qos=1, retain=True,
                               properties=_json_properties(PacketTypes.WILLMESSAGE) if mqtt5 else None)
-        if settings.tls is not None:
-            tls = settings.tls
-            self._client.tls_set(ca_certs=str(tls.ca_certs) if tls.ca_certs else None,
-                                 certfile=str(tls.certfile) if tls.certfile else None,
-                                 keyfile=str(tls.keyfile) if tls.keyfile else None)
-        if settings.username is not None:
-            self._client.username_pw_set(settings.username, settings.password)
+        # Files are read now, so that the daemon refuses to start on a bad one.
+        password = settings.password
+        if settings.password_file is not None:
+            password = read_password_file(settings.password_file)
+        configure_security(self._client, settings.tls, settings.username, password)
         self._client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
         # The sender bounds what is in flight (per connection, see _on_connect); paho's own limit
         # (default 20) would only add a second, hidden queue.
@@ -86,6 +133,18 @@ class MqttLink:
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        # A logger of its own (outside the process's logging tree), at ERROR: paho's debug lines cost
+        # nothing, and its last error names why a broker closed a connection before accepting it.
+        self._paho_error = _LastError()
+        paho_logger = logging.Logger("paho")
+        paho_logger.setLevel(logging.ERROR)
+        paho_logger.addHandler(self._paho_error)
+        self._client.enable_logger(paho_logger)
+
+        self._refused = False  # the broker's CONNACK refused this connection (logged already)
+        self._failure_kind: str | None = None  # event of the last failure line; None once connected
+        self._failure_logged = 0.0  # time.monotonic() of that line
+        self._failures = 0  # failed attempts since that line
 
         self._status_lock = threading.Lock()
         self._online: Status | None = None  # published after each connect
@@ -192,8 +251,12 @@ class MqttLink:
     def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code: ReasonCode,
                     properties: Properties) -> None:
         if reason_code.is_failure:
-            self._log.error("mqtt connection refused", reason=str(reason_code))
-            return  # paho closes the socket and retries with backoff
+            # e.g. "Not authorized", "Bad user name or password"; the broker closes the connection
+            # and paho retries with backoff.
+            self._connect_failed("mqtt connection refused by the broker; retrying", str(reason_code), error=True)
+            self._refused = True
+            return
+        self._failure_kind, self._failures = None, 0
         # paho would resend its in-memory copies of unacknowledged messages; the outbox resends
         # them instead, so drop paho's to avoid a second duplicate of each.
         client.drop_out_messages()
@@ -214,8 +277,24 @@ class MqttLink:
                        inflight_window=window)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata) -> None:
-        self._log.warning("mqtt broker unreachable; retrying", host=self._settings.host,
-                          port=self._settings.port)
+        # paho (2.2) passes no exception, but calls this from inside its `except OSError` block
+        # around connecting (`loop_forever`), so the exception being handled is the cause.
+        err = sys.exception()
+        if isinstance(err, ssl.SSLError):  # e.g. "certificate verify failed": a wrong CA or host
+            self._connect_failed("mqtt TLS handshake failed; retrying", str(err), error=True)
+        else:
+            self._connect_failed("mqtt broker unreachable; retrying", str(err) if err else "unknown")
+
+    def _connect_failed(self, event: str, cause: str, error: bool = False) -> None:
+        """Log a failed attempt: at once when its kind (`event`) is new, else at most every
+        _FAILURE_LOG_INTERVAL_S, with the number of failed attempts since the last line."""
+        self._failures += 1
+        now = time.monotonic()
+        if event == self._failure_kind and now - self._failure_logged < _FAILURE_LOG_INTERVAL_S:
+            return
+        log = self._log.error if error else self._log.warning
+        log(event, cause=cause, attempts=self._failures, host=self._settings.host, port=self._settings.port)
+        self._failure_kind, self._failure_logged, self._failures = event, now, 0
 
     def _on_disconnect(self, client: mqtt.Client, userdata, flags, reason_code: ReasonCode,
                        properties: Properties) -> None:
@@ -223,8 +302,17 @@ class MqttLink:
             was_connected = self._connected
             self._connected = False
             self._cond.notify_all()
-        if was_connected and not self._stopping:
+        paho_error, self._paho_error.message = self._paho_error.message, None
+        refused, self._refused = self._refused, False
+        if self._stopping or refused:
+            return
+        if was_connected:
             self._log.warning("mqtt connection lost; reconnecting", reason=str(reason_code))
+        else:
+            # Closed before a CONNACK, e.g. a broker that wants a client certificate it trusts says
+            # so only after the TLS 1.3 handshake, when it reads the first message.
+            self._connect_failed("mqtt broker closed the connection before accepting it; retrying",
+                                 paho_error or str(reason_code), error=True)
 
     def _on_publish(self, client: mqtt.Client, userdata, mid: int, reason_code: ReasonCode,
                     properties: Properties) -> None:
