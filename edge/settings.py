@@ -109,6 +109,10 @@ class Settings(BaseSettings):
             raise ValueError("mqtt.reconnect_min_s must not exceed mqtt.reconnect_max_s")
         if self.mqtt.password is not None and self.mqtt.password_file is not None:
             raise ValueError("mqtt.password and mqtt.password_file are mutually exclusive")
+        if self.mqtt.password is not None and self.mqtt.username is None:
+            raise ValueError("mqtt.password needs mqtt.username")
+        if self.mqtt.tls is not None and self.mqtt.tls.keyfile is not None and self.mqtt.tls.certfile is None:
+            raise ValueError("mqtt.tls.keyfile needs mqtt.tls.certfile (the client certificate)")
         if self.zmq.mode == "sub" and not self.zmq.connect:
             raise ValueError("zmq.connect must list at least one endpoint in sub mode")
         return self

@@ -204,6 +204,8 @@ def test_sd_notify_sends_datagrams_to_the_notify_socket(tmp_path, monkeypatch):
     ('bundle = "/b"\nstation_id = "bad/id"\n', "station_id"),
     ('bundle = "/nonexistent-bundle"\n', "/nonexistent-bundle: not a directory"),
     ('bundle = "/b"\n[inference]\nbackpressure = "drop-everything"\n', "inference.backpressure"),
+    ('bundle = "/b"\n[mqtt]\npassword = "x"\n', "mqtt.password needs mqtt.username"),
+    ('bundle = "/b"\n[mqtt.tls]\nkeyfile = "/k"\n', "mqtt.tls.keyfile needs mqtt.tls.certfile"),
 ])
 def test_edge_serve_refuses_bad_settings_in_one_line(tmp_path, content, expected):
     config = tmp_path / "edge.toml"

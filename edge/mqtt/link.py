@@ -124,6 +124,10 @@ class MqttLink:
         password = settings.password
         if settings.password_file is not None:
             password = read_password_file(settings.password_file)
+            # The systemd unit always hands over a credential file: empty means "no login".
+            if password and settings.username is None:
+                raise SettingsError(f"mqtt.password_file {settings.password_file} holds a password "
+                                    "but mqtt.username is not set")
         configure_security(self._client, settings.tls, settings.username, password)
         self._client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
         # The sender bounds what is in flight (per connection, see _on_connect); paho's own limit
@@ -279,11 +283,12 @@ class MqttLink:
     def _on_connect_fail(self, client: mqtt.Client, userdata) -> None:
         # paho (2.2) passes no exception, but calls this from inside its `except OSError` block
         # around connecting (`loop_forever`), so the exception being handled is the cause.
-        err = sys.exception()
+        err = sys.exc_info()[1]  # sys.exception() from Python 3.11 on
+        cause = "unknown" if err is None else str(err) or type(err).__name__
         if isinstance(err, ssl.SSLError):  # e.g. "certificate verify failed": a wrong CA or host
-            self._connect_failed("mqtt TLS handshake failed; retrying", str(err), error=True)
+            self._connect_failed("mqtt TLS handshake failed; retrying", cause, error=True)
         else:
-            self._connect_failed("mqtt broker unreachable; retrying", str(err) if err else "unknown")
+            self._connect_failed("mqtt broker unreachable; retrying", cause)
 
     def _connect_failed(self, event: str, cause: str, error: bool = False) -> None:
         """Log a failed attempt: at once when its kind (`event`) is new, else at most every
