@@ -61,6 +61,16 @@ def broker(tmp_path):
 
 
 @pytest.fixture
+def outbox(tmp_path):
+    """An outbox in the test's own state directory."""
+    from edge.mqtt.outbox import Outbox
+
+    box = Outbox(tmp_path / "state")
+    yield box
+    box.close()
+
+
+@pytest.fixture
 def daemon_factory(tmp_path, broker):
     """`make(bundle, workdir=None, reload_watch=False, sections=None, **inference)` starts `edge serve`
     on the test's broker and waits until it is ready; every daemon is killed at the end."""

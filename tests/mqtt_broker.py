@@ -4,18 +4,36 @@ TLS and with a login where the broker's listener asks for them)."""
 
 import threading
 import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.settings import TlsSettings
+from edge.mqtt.link import MqttLink
+from edge.mqtt.outbox import Outbox
+from edge.settings import MqttSettings, TlsSettings
 from harness.broker import Listener, MosquittoBroker, find_mosquitto
 from harness.broker import free_port as _free_port  # noqa: F401 (tests import it from here)
+from protocols.messages import Status
 
 SUBSCRIBE_TIMEOUT_S = 5.0
+
+
+@contextmanager
+def running_link(settings: MqttSettings, outbox: Outbox, status: Callable[[str], Status]):
+    """An MqttLink for `status`'s station: started with status("online"), stopped with status("offline")."""
+    station = status("online").station_id
+    link = MqttLink(settings, f"inspection/{station}", station, outbox, structlog.get_logger())
+    link.start(status("online"))
+    try:
+        yield link
+    finally:
+        link.stop(status("offline"))
 
 
 def mosquitto_path() -> str:

@@ -7,16 +7,13 @@ import sys
 import textwrap
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
-import structlog
 
-from edge.mqtt.link import MqttLink
 from edge.mqtt.outbox import Outbox, OutboxError
 from edge.settings import MqttSettings
 from protocols.messages import LatencyMs, ModelRef, Result, Status, result_topic, status_topic
-from mqtt_broker import Broker, Subscriber
+from mqtt_broker import Broker, Subscriber, running_link
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,27 +52,10 @@ def states(messages) -> list[str]:
     return [json.loads(m.payload)["state"] for m in messages]
 
 
-@contextmanager
-def running_link(mqtt_settings: MqttSettings, outbox: Outbox):
-    link = MqttLink(mqtt_settings, PREFIX, STATION, outbox, structlog.get_logger())
-    link.start(status("online"))
-    try:
-        yield link
-    finally:
-        link.stop(status("offline"))
-
-
 @pytest.fixture
 def broker(tmp_path):
     with Broker(tmp_path) as running:
         yield running
-
-
-@pytest.fixture
-def outbox(tmp_path):
-    box = Outbox(tmp_path / "state")
-    yield box
-    box.close()
 
 
 # --- outbox --------------------------------------------------------------------------------------
@@ -133,7 +113,7 @@ def test_outbox_unusable_file_is_named(tmp_path):
 
 def test_results_are_delivered_in_order_and_leave_the_outbox(broker, outbox):
     sent = [f"{i:06d}" for i in range(50)]
-    with Subscriber(broker.port, RESULTS) as sub, running_link(settings(broker.port), outbox) as link:
+    with Subscriber(broker.port, RESULTS) as sub, running_link(settings(broker.port), outbox, status) as link:
         for frame_id in sent:
             link.publish_answers([result(frame_id)], [])
         received = sub.wait_for(result_topic(PREFIX, CAM), len(sent))
@@ -148,7 +128,7 @@ def test_results_are_delivered_in_order_and_leave_the_outbox(broker, outbox):
 def test_status_online_model_swap_and_offline(broker, outbox):
     topic = status_topic(PREFIX)
     with Subscriber(broker.port, topic) as early:
-        with running_link(settings(broker.port), outbox) as link:
+        with running_link(settings(broker.port), outbox, status) as link:
             assert states(early.wait_for(topic, 1)) == ["online"]
             with Subscriber(broker.port, topic) as late:
                 first = late.wait_for(topic, 1)[0]
@@ -206,7 +186,7 @@ def test_last_will_says_offline_when_the_process_is_killed(broker, tmp_path):
 @pytest.mark.slow
 def test_no_result_is_lost_across_a_broker_outage(broker, outbox):
     sent: list[str] = []
-    with Subscriber(broker.port, RESULTS) as sub, running_link(settings(broker.port), outbox) as link:
+    with Subscriber(broker.port, RESULTS) as sub, running_link(settings(broker.port), outbox, status) as link:
         def put(count: int, pause_s: float = 0.0) -> None:
             for _ in range(count):
                 sent.append(f"{len(sent):06d}")
@@ -237,7 +217,7 @@ def test_pending_messages_are_sent_when_a_link_starts_while_the_broker_is_down(b
     with Subscriber(broker.port, RESULTS) as sub:
         broker.stop()
         began = time.monotonic()
-        with running_link(settings(broker.port), outbox) as link:
+        with running_link(settings(broker.port), outbox, status) as link:
             assert time.monotonic() - began < 1, "start() must not wait for the broker"
             assert not link.connected
             broker.start()
@@ -253,7 +233,7 @@ def test_pending_messages_are_sent_when_a_link_starts_while_the_broker_is_down(b
 def test_mqtt_3_1_1_is_selectable(broker, outbox):
     sent = [f"{i:06d}" for i in range(10)]
     with Subscriber(broker.port, RESULTS) as sub, \
-            running_link(settings(broker.port, protocol="3.1.1"), outbox) as link:
+            running_link(settings(broker.port, protocol="3.1.1"), outbox, status) as link:
         for frame_id in sent:
             link.publish_answers([result(frame_id)], [])
         received = sub.wait_for(result_topic(PREFIX, CAM), len(sent))

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from mqtt_broker import Broker, Subscriber
+from mqtt_broker import Broker, Subscriber, running_link
 from structlog.testing import capture_logs
 
 import edge.mqtt.link as link_module
@@ -134,13 +133,6 @@ def password_file(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
-def outbox(tmp_path):
-    box = Outbox(tmp_path / "state")
-    yield box
-    box.close()
-
-
 def link_settings(port: int, **overrides) -> MqttSettings:
     return MqttSettings(port=port, client_id=CLIENT_ID, reconnect_min_s=0.1, reconnect_max_s=0.5, **overrides)
 
@@ -154,16 +146,6 @@ def result(frame_id: str) -> Result:
                   score=0.1, threshold=0.4, ts_capture_ns=1, ts_result_ns=time.time_ns(),
                   latency_ms=LatencyMs(queue=1, decode=1, infer=1, post=1, total=4),
                   model=ModelRef(name="bottle-small", version="1", sha256="ab" * 32), regions=[], mask=None)
-
-
-@contextmanager
-def running_link(mqtt_settings: MqttSettings, outbox: Outbox):
-    link = MqttLink(mqtt_settings, PREFIX, STATION, outbox, structlog.get_logger())
-    link.start(status("online"))
-    try:
-        yield link
-    finally:
-        link.stop(status("offline"))
 
 
 def paho_thread_alive() -> bool:
@@ -183,7 +165,7 @@ def assert_logged_once_and_retried(mqtt_settings: MqttSettings, outbox: Outbox, 
     """The link neither connects nor crashes; it keeps its messages and retries. It logs the failure
     at once, then (the interval cut to 1 s here) one line with the attempts in between."""
     monkeypatch.setattr(link_module, "_FAILURE_LOG_INTERVAL_S", 1.0)
-    with capture_logs() as logs, running_link(mqtt_settings, outbox) as link:
+    with capture_logs() as logs, running_link(mqtt_settings, outbox, status) as link:
         link.publish_answers([result(f"{i:06d}") for i in range(3)], [])
         first, second = wait_for_events(logs, event, 2, timeout_s=15)[:2]
         assert first["log_level"] == "error" and any(c in first["cause"].lower() for c in causes), first
@@ -200,7 +182,7 @@ def test_tls_and_a_password_file_deliver_results(tls_broker, pki, password_file,
     tls = TlsSettings(ca_certs=pki.ca)
     with Subscriber(tls_broker.port, f"{PREFIX}/#", tls=tls, username=USER, password=PASSWORD) as sub, \
             running_link(link_settings(tls_broker.port, tls=tls, username=USER, password_file=password_file),
-                         outbox) as link:
+                         outbox, status) as link:
         link.publish_answers([result(f"{i:06d}") for i in range(3)], [])
         messages = sub.wait_for(f"{PREFIX}/cam0/result", 3)
         assert link.wait_drained(10)
@@ -210,7 +192,7 @@ def test_tls_and_a_password_file_deliver_results(tls_broker, pki, password_file,
 def test_mutual_tls_delivers_results(mtls_broker, pki, outbox):
     tls = TlsSettings(ca_certs=pki.ca, certfile=pki.client_cert, keyfile=pki.client_key)
     with Subscriber(mtls_broker.port, f"{PREFIX}/#", tls=tls) as sub, \
-            running_link(link_settings(mtls_broker.port, tls=tls), outbox) as link:
+            running_link(link_settings(mtls_broker.port, tls=tls), outbox, status) as link:
         link.publish_answers([result("000000")], [])
         sub.wait_for(f"{PREFIX}/cam0/result", 1)
         assert link.wait_drained(10)
@@ -294,7 +276,7 @@ def watch_args(port: int, *options: str) -> argparse.Namespace:
 def test_edge_watch_prints_verdicts_over_tls_with_a_login(tls_broker, pki, password_file, outbox, capsys):
     stop = threading.Event()
     with running_link(link_settings(tls_broker.port, tls=TlsSettings(ca_certs=pki.ca), username=USER,
-                                    password_file=password_file), outbox) as link:
+                                    password_file=password_file), outbox, status) as link:
         def publish() -> None:
             # Results are not retained: keep sending until the watch (subscribing meanwhile) has one.
             for i in range(200):
