@@ -12,7 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
+# 2: thresholds state their expected false-reject rate. Version 1 bundles still load.
+SUPPORTED_BUNDLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 # sha256 of manifest.json's bytes: the manifest cannot list its own hash, so it sits beside it.
 MANIFEST_DIGEST_NAME = "manifest.sha256"
@@ -55,7 +57,13 @@ class ThresholdSpec(_Strict):
     pixel: float = Field(description="a pixel is defective iff anomaly_map >= pixel")
     policy: Literal["false_reject_rate", "max_f1"]
     target_false_reject_rate: float | None = None
-    calibration_images: int = Field(ge=0)
+    calibration_images: int = Field(ge=0, description="good images the thresholds rest on (none of them chose "
+                                    "the model)")
+    estimator: Literal["conformal", "logit-normal"] | None = Field(
+        None, description="conformal: a finite-sample quantile of the good scores; logit-normal: a fit, when the "
+                          "images are too few to observe the target rate")
+    expected_false_reject_rate: float | None = Field(None, description="on good parts not yet seen")
+    false_reject_rate_upper: float | None = Field(None, description="the rate stays below this with 90 % confidence")
 
 
 class Provenance(_Strict):
@@ -78,7 +86,7 @@ class ModelIdentity(_Strict):
 
 
 class Manifest(_Strict):
-    version: Literal[1] = BUNDLE_VERSION
+    version: Literal[1, 2] = BUNDLE_VERSION
     model: ModelIdentity
     input: InputSpec
     outputs: OutputSpec = OutputSpec()

@@ -3,41 +3,69 @@ import json
 import numpy as np
 import pytest
 
-from trainer.evaluation.calibration import (Thresholds, calibrate, threshold_for_false_reject_rate,
-                                            threshold_max_f1)
+from scipy import stats
+
+from trainer.evaluation.calibration import (Thresholds, calibrate, conformal_rank, conformal_threshold,
+                                            estimate_threshold, logit_normal_threshold, threshold_max_f1)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("rate", [0.0, 0.01, 0.05, 0.29, 0.5])
-@pytest.mark.parametrize("ties", [False, True])
-def test_false_reject_threshold_fails_at_most_the_rate_and_is_the_smallest_such(dtype, rate, ties):
-    scores = np.random.default_rng(0).random(1000).astype(dtype)
-    if ties:
-        scores = np.round(scores * 20).astype(dtype)
-    threshold = threshold_for_false_reject_rate(scores, rate)
-    assert np.mean(scores >= threshold) <= rate
-    # the next smaller value in the scores' precision fails more than the rate
-    just_below = np.nextafter(dtype(threshold), -np.inf)
-    assert np.mean(scores >= just_below) > rate
-    # an edge device comparing in the scores' precision gives the same verdicts
-    assert np.array_equal(scores >= dtype(threshold), scores >= threshold)
+@pytest.mark.parametrize(("n", "rate", "rank"), [(99, 0.01, 99), (98, 0.01, None), (19, 0.05, 19),
+                                                 (40, 0.05, 39), (100, 0.1, 91), (20, 0.01, None)])
+def test_conformal_rank_is_the_finite_sample_quantile(n, rate, rank):
+    assert conformal_rank(n, rate) == rank
 
 
-@pytest.mark.parametrize("rate", [0.07, 0.29, 0.57])  # rate * 100 is not a whole number in floating point
-def test_false_reject_rate_of_a_whole_number_of_samples_is_met_exactly(rate):
-    scores = np.random.default_rng(0).random(100)
-    assert np.mean(scores >= threshold_for_false_reject_rate(scores, rate)) == rate
+def test_conformal_threshold_passes_the_kth_score_in_float32():
+    scores = np.random.default_rng(0).random(40)
+    estimate = conformal_threshold(scores, 0.05)  # k = ceil(41 * 0.95) = 39: the highest fails
+    assert estimate.estimator == "conformal" and estimate.images == 40
+    assert np.sum(scores >= estimate.threshold) == 1
+    assert np.array_equal(scores.astype(np.float32) >= np.float32(estimate.threshold), scores >= estimate.threshold)
+    assert estimate.expected_rate == pytest.approx(2 / 41)
+    assert estimate.expected_rate < estimate.upper_rate
 
 
-def test_false_reject_rate_zero_is_just_above_the_largest_normal_score():
-    scores = np.array([0.2, 0.7, 0.5])
-    assert threshold_for_false_reject_rate(scores, 0.0) == np.nextafter(0.7, np.inf)
+def realised_rates(estimator, distribution, n: int, rate: float, trials: int = 400):
+    """The false-reject rate each calibrated threshold gives on the whole (known) distribution."""
+    rng = np.random.default_rng(1)
+    estimates = [estimator(distribution.rvs(n, random_state=rng), rate) for _ in range(trials)]
+    return np.array([distribution.sf(e.threshold) for e in estimates]), estimates
 
 
-@pytest.mark.parametrize("rate", [-0.01, 1.0, 1.5])
+@pytest.mark.parametrize(("estimator", "n", "rate"), [(conformal_threshold, 120, 0.05),
+                                                      (logit_normal_threshold, 20, 0.01),
+                                                      (logit_normal_threshold, 60, 0.05)])
+def test_the_stated_rate_and_its_upper_bound_hold_on_new_parts(estimator, n, rate):
+    """Scores whose logits are normal (so both estimators' assumptions hold): averaged over many
+    calibrations, the rate on new good parts is what was promised, and it stays under the stated
+    90 % bound about 90 % of the time."""
+    good = stats.johnsonsb(0.0, 1.0, loc=0.0, scale=1.0)  # logit(score) ~ N(0, 1), score in (0, 1)
+    rates, estimates = realised_rates(estimator, good, n, rate)
+    assert rates.mean() <= rate * 1.15
+    assert rates.mean() == pytest.approx(np.mean([e.expected_rate for e in estimates]), rel=0.2)
+    assert 0.85 <= np.mean(rates <= np.array([e.upper_rate for e in estimates])) <= 0.95
+
+
+def test_logit_normal_threshold_matches_a_float64_reference():
+    scores = np.array([0.05, 0.12, 0.08, 0.2, 0.1, 0.07, 0.15])
+    logits = np.log(scores / (1 - scores))
+    n, mean, sd = len(scores), logits.mean(), logits.std(ddof=1)
+    reference = 1 / (1 + np.exp(-(mean + sd * np.sqrt(1 + 1 / n) * stats.t.ppf(0.99, n - 1))))
+    estimate = logit_normal_threshold(scores, 0.01)
+    assert estimate.threshold == pytest.approx(reference, rel=1e-6)
+    assert estimate.expected_rate == pytest.approx(0.01, rel=0.1)  # the predictive quantile: rate on average
+
+
+def test_estimate_threshold_is_conformal_only_with_enough_images():
+    rng = np.random.default_rng(0)
+    assert estimate_threshold(rng.random(99), 0.01).estimator == "conformal"
+    assert estimate_threshold(rng.random(98), 0.01).estimator == "logit-normal"
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.01, 1.0, 1.5])
 def test_false_reject_rate_outside_zero_to_one_is_rejected(rate):
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        threshold_for_false_reject_rate(np.array([0.1, 0.2]), rate)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        estimate_threshold(np.array([0.1, 0.2]), rate)
 
 
 def test_max_f1_threshold_on_a_hand_checked_case():
@@ -64,9 +92,13 @@ def test_calibrate_by_false_reject_rate_uses_normals_only():
     thresholds = calibrate("false_reject_rate", normal_scores, normal_maps, false_reject_rate=0.05)
     assert thresholds.policy == "false_reject_rate"
     assert thresholds.target_false_reject_rate == 0.05
-    assert thresholds.calibration_images == 40
-    assert np.mean(normal_scores >= thresholds.image) == 0.05  # 2 of 40
-    assert 0.045 < np.mean(normal_maps >= thresholds.pixel) <= 0.05
+    assert thresholds.calibration_images == 40 and thresholds.estimator == "conformal"
+    assert np.sum(normal_scores >= thresholds.image) == 1  # conformal with 40 images: the highest fails
+    # the pixel threshold flags a pixel in as few good images: the others show no defect at all
+    assert np.sum(normal_maps.max(axis=(1, 2)) >= thresholds.pixel) == 1
+    assert thresholds.too_few_images() is None
+    few = calibrate("false_reject_rate", normal_scores[:10], normal_maps[:10], false_reject_rate=0.05)
+    assert few.estimator == "logit-normal" and "10 calibration images are too few" in few.too_few_images()
 
 
 def test_calibrate_by_max_f1_uses_the_labelled_defects():
@@ -92,7 +124,8 @@ def test_calibrate_by_max_f1_without_defects_names_what_is_missing():
 
 def test_thresholds_round_trip_through_json():
     thresholds = Thresholds(image=0.61, pixel=0.42, policy="false_reject_rate", target_false_reject_rate=0.01,
-                            calibration_images=40)
+                            calibration_images=40, estimator="logit-normal", expected_false_reject_rate=0.0102,
+                            false_reject_rate_upper=0.021)
     assert Thresholds.from_dict(json.loads(json.dumps(thresholds.to_dict()))) == thresholds
     with pytest.raises(ValueError, match="policy"):
         Thresholds.from_dict({**thresholds.to_dict(), "policy": "median"})

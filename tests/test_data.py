@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from trainer.data.mvtec import DataError, read_mask, read_rgb, scan_mvtec, split_validation
+from trainer.data.mvtec import DataError, read_mask, read_rgb, scan_mvtec, split_holdout
 
 
 def write_image(path: Path, image: np.ndarray) -> Path:
@@ -161,27 +161,28 @@ def test_missing_file_raises_data_error_naming_it(tmp_path: Path):
         read_rgb(tmp_path / "gone.png", 16)
 
 
-def test_split_is_seeded_disjoint_and_complete():
+def test_holdout_split_is_seeded_disjoint_and_complete():
     paths = [Path(f"{i:03d}.png") for i in range(20)]
-    train, validation = split_validation(paths, 0.2, seed=3)
-    assert len(validation) == 4 and sorted(train + validation) == paths
-    assert not set(train) & set(validation)
-    assert split_validation(list(reversed(paths)), 0.2, seed=3) == (train, validation)
-    assert split_validation(paths, 0.2, seed=4)[1] != validation
+    split = split_holdout(paths, 0.1, 0.2, seed=3)
+    assert (len(split.train), len(split.selection), len(split.calibration)) == (14, 2, 4)
+    assert sorted(split.train + split.selection + split.calibration) == paths
+    assert not set(split.calibration) & (set(split.train) | set(split.selection)), \
+        "the images that choose the model must not set its thresholds"
+    assert split_holdout(list(reversed(paths)), 0.1, 0.2, seed=3) == split
+    assert split_holdout(paths, 0.1, 0.2, seed=4).calibration != split.calibration
 
 
-@pytest.mark.parametrize(
-    ("count", "fraction", "sizes"), [(1, 0.5, (1, 0)), (2, 0.01, (1, 1)), (3, 0.99, (1, 2))]
-)
-def test_split_keeps_an_image_on_each_side(count: int, fraction: float, sizes: tuple[int, int]):
-    train, validation = split_validation([Path(f"{i}.png") for i in range(count)], fraction, seed=0)
-    assert (len(train), len(validation)) == sizes
+def test_holdout_split_keeps_one_to_train_one_to_select_and_two_to_calibrate():
+    split = split_holdout([Path(f"{i}.png") for i in range(4)], 0.01, 0.01, seed=0)
+    assert (len(split.train), len(split.selection), len(split.calibration)) == (1, 1, 2)
+    with pytest.raises(ValueError, match="3 good images: need at least 4"):
+        split_holdout([Path(f"{i}.png") for i in range(3)], 0.01, 0.01, seed=0)
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
-def test_split_rejects_fractions_outside_zero_one(fraction: float):
+@pytest.mark.parametrize(("selection", "calibration"), [(0.0, 0.2), (0.1, 1.0), (0.5, 0.5), (-0.1, 0.2)])
+def test_holdout_split_rejects_fractions_that_leave_nothing(selection: float, calibration: float):
     with pytest.raises(ValueError, match="fraction"):
-        split_validation([Path("a.png"), Path("b.png")], fraction, seed=0)
+        split_holdout([Path(f"{i}.png") for i in range(10)], selection, calibration, seed=0)
 
 
 # (normal train, normal test, defective test, defect types), from the datasets README

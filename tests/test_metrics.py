@@ -5,10 +5,11 @@ import cv2
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix,
+                             precision_recall_fscore_support, roc_auc_score)
 
 from trainer.evaluation.metrics import (aupro, compute_metrics, image_auroc, max_f1, pixel_ap, pixel_auroc,
-                                        resize_for_metrics, subsample_indices)
+                                        resize_for_metrics, subsample_indices, verdict_metrics)
 
 
 def reference_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
@@ -172,3 +173,84 @@ def test_subsample_indices_are_fixed_sorted_and_distinct():
     assert np.all(np.diff(first) > 0)
     np.testing.assert_array_equal(first, subsample_indices(10_000, 500))
     np.testing.assert_array_equal(subsample_indices(20, 500), np.arange(20))
+
+
+def test_verdict_metrics_on_a_hand_counted_case():
+    defects = ["good"] * 4 + ["scratch"] * 3 + ["crack"] * 2
+    labels = np.array([d != "good" for d in defects])
+    fails = np.array([False, True, False, False, True, True, False, True, False])
+    result = verdict_metrics(labels, fails, defects)
+    assert result["counts"] == {"true_pass": 3, "false_reject": 1, "escape": 2, "true_fail": 3}
+    assert result["accuracy"] == pytest.approx(6 / 9)
+    assert result["precision"] == pytest.approx(3 / 4)  # 3 of the 4 rejected parts were defective
+    assert result["recall"] == pytest.approx(3 / 5)
+    assert result["f1"] == pytest.approx(2 / 3)  # 2 · 0.75 · 0.6 / 1.35
+    assert result["false_reject_rate"] == pytest.approx(1 / 4)
+    assert result["escape_rate"] == pytest.approx(2 / 5)
+    assert result["per_defect"] == {
+        "crack": {"images": 2, "caught": 1, "escape_rate": 0.5},
+        "good": {"images": 4, "rejected": 1, "false_reject_rate": 0.25},
+        "scratch": {"images": 3, "caught": 2, "escape_rate": pytest.approx(1 / 3)},
+    }
+    json.dumps(result)
+
+
+def assert_ratio(got: float | None, expected: float) -> None:
+    """sklearn's NaN (with zero_division=nan) is our None."""
+    assert got is None if np.isnan(expected) else got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+# the last three: no defective images, nothing failed, neither (F1 undefined too)
+@pytest.mark.parametrize(("defective", "failing"), [(0.6, 0.5), (0.1, 0.9), (1.0, 1.0), (0.0, 0.3), (0.7, 0.0),
+                                                    (0.0, 0.0)])
+def test_verdict_metrics_match_sklearn(seed, defective, failing):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(40) < defective
+    fails = rng.random(40) < failing
+    defects = np.where(labels, rng.choice(["crack", "scratch"], 40), "good")
+    result = verdict_metrics(labels, fails, defects.tolist())
+    true_pass, false_reject, escape, true_fail = confusion_matrix(labels, fails, labels=[False, True]).ravel()
+    assert result["counts"] == {"true_pass": true_pass, "false_reject": false_reject, "escape": escape,
+                                "true_fail": true_fail}
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, fails, average="binary",
+                                                               zero_division=np.nan)
+    assert_ratio(result["precision"], precision)
+    assert_ratio(result["recall"], recall)
+    assert_ratio(result["f1"], f1)
+    assert_ratio(result["accuracy"], accuracy_score(labels, fails))
+    # the two rates are 1 − sklearn's recalls: of "pass" on good images, of "fail" on defective ones
+    good_recall = precision_recall_fscore_support(~labels, ~fails, average="binary", zero_division=np.nan)[1]
+    assert_ratio(result["false_reject_rate"], 1 - good_recall)
+    assert_ratio(result["escape_rate"], 1 - recall)
+    for defect, entry in result["per_defect"].items():
+        assert entry["images"] == np.sum(defects == defect)
+        if defect == "good":
+            assert entry["rejected"] == false_reject
+        else:
+            assert entry["caught"] == np.sum(fails[defects == defect])
+            assert entry["escape_rate"] == pytest.approx(1 - entry["caught"] / entry["images"])
+
+
+@pytest.mark.parametrize("case", ["no images", "only good, none failed", "only defective, all passed"])
+def test_undefined_verdict_ratios_are_none_without_errors_or_warnings(case):
+    count = {"no images": 0}.get(case, 5)
+    labels = np.full(count, case == "only defective, all passed")
+    defects = ["crack" if label else "good" for label in labels]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = verdict_metrics(labels, np.zeros(count, bool), defects)
+    undefined = {"no images": {"accuracy", "precision", "recall", "f1", "false_reject_rate", "escape_rate"},
+                 "only good, none failed": {"precision", "recall", "f1", "escape_rate"},
+                 "only defective, all passed": {"precision", "false_reject_rate"}}[case]
+    ratios = {key: value for key, value in result.items() if key not in ("counts", "per_defect")}
+    assert {key for key, value in ratios.items() if value is None} == undefined
+    assert all(type(value) is float for key, value in ratios.items() if key not in undefined)
+    assert json.loads(json.dumps(result)) == result  # no NaN anywhere
+
+
+def test_verdict_metrics_reject_inconsistent_input():
+    with pytest.raises(ValueError, match="one label, verdict and defect type"):
+        verdict_metrics(np.zeros(3, bool), np.zeros(2, bool), ["good"] * 3)
+    with pytest.raises(ValueError, match="both normal and defective"):
+        verdict_metrics(np.array([False, True]), np.zeros(2, bool), ["good", "good"])

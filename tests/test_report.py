@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from trainer.evaluation import report
-from trainer.evaluation.report import write_curves, write_sample_grid
+from trainer.evaluation.metrics import verdict_metrics
+from trainer.evaluation.report import verdict_line, write_curves, write_sample_grid, write_score_histogram
 
 
 def samples(count: int, size: int = 32):
@@ -61,3 +62,41 @@ def test_curves_need_both_classes(tmp_path, defective):
     labels = np.full(3, defective)
     masks = np.full((3, 8, 8), not defective)
     assert write_curves(tmp_path, labels, np.arange(3.0), masks, np.zeros((3, 8, 8))) == []
+
+
+def verdicts_at(threshold: float, labels: np.ndarray, scores: np.ndarray) -> dict:
+    defects = ["crack" if label else "good" for label in labels]
+    return {"image_threshold": threshold, **verdict_metrics(labels, scores >= threshold, defects)}
+
+
+def test_score_histogram_shows_both_classes_on_shared_bins_the_threshold_and_the_rates(tmp_path, monkeypatch):
+    labels = np.r_[np.zeros(10, bool), np.ones(10, bool)]
+    scores = np.r_[np.linspace(0.1, 0.5, 10), np.linspace(0.3, 0.9, 10)]  # 1 good above 0.47, 3 defective below
+    closed = []  # keep the figure open to read what was drawn
+    monkeypatch.setattr(report.plt, "close", closed.append)
+    write_score_histogram(tmp_path / "histogram.png", labels, scores, verdicts_at(0.47, labels, scores))
+    (fig,) = closed
+    ax = fig.axes[0]
+    assert ax.get_title() == "false rejects 1/10 (10.0 %), escapes 3/10 (30.0 %)"
+    (line,) = ax.lines
+    assert list(line.get_xdata()) == [0.47, 0.47]
+    assert "shipped threshold 0.47" in [text.get_text() for text in ax.get_legend().get_texts()]
+    good, defective = ax.containers
+    assert sum(bar.get_height() for bar in good) == 10 and sum(bar.get_height() for bar in defective) == 10
+    assert [bar.get_x() for bar in good] == [bar.get_x() for bar in defective]  # shared bins
+    assert good[0].get_facecolor() != defective[0].get_facecolor()
+    report.plt.close(fig)
+    picture = cv2.imread(str(tmp_path / "histogram.png"))
+    assert picture is not None and picture.shape[0] >= 300
+
+
+def test_verdict_line_counts_and_rates():
+    labels = np.array([False] * 4 + [True] * 5)
+    scores = np.array([0.1, 0.7, 0.2, 0.3, 0.8, 0.9, 0.2, 0.6, 0.4])
+    assert verdict_line(verdicts_at(0.5, labels, scores)) == (
+        "at the shipped threshold 0.5: false rejects 1/4 (25.0 %), escapes 2/5 (40.0 %), "
+        "precision 0.750, recall 0.600, F1 0.667")
+    # nothing defective and nothing failed: no escape share, and the fail verdict's figures are undefined
+    assert verdict_line(verdicts_at(0.95, labels[:4], scores[:4])) == (
+        "at the shipped threshold 0.95: false rejects 0/4 (0.0 %), escapes 0/0, "
+        "precision n/a, recall n/a, F1 n/a")

@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.cli import main
+from trainer.data.mvtec import read_rgb, scan_mvtec
+from trainer.evaluate import load_run
 from trainer.objective import lr_factor
 from trainer.training import TrainingSession
 
@@ -78,19 +80,41 @@ def test_fit_is_reproducible_and_an_interrupted_run_resumes_exactly(tmp_path, da
     run = tmp_path / "straight"
     thresholds = json.loads((run / "thresholds.json").read_text())
     assert thresholds["default"] == "false_reject_rate"
-    assert thresholds["false_reject_rate"]["calibration_images"] > 0
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["validation"]["step"] for r in log if "validation" in r] == [3, 6, 9, 12]
     config = json.loads((run / "config.json").read_text())
-    assert config["data"]["validation_images"] >= 1 and len(config["data"]["fingerprint"]) == 64
+    selection, calibration = config["data"]["selection_images"], config["data"]["calibration_images"]
+    assert selection and len(config["data"]["fingerprint"]) == 64
+    # The images that chose the model do not set its thresholds (their scores are biased low).
+    assert not set(selection) & set(calibration)
+    assert thresholds["false_reject_rate"]["calibration_images"] == len(calibration) != len(selection)
     assert set(load_file(run / "model.safetensors")) == set(straight)
 
 
+@torch.no_grad()
+def scores_of_test_images(run: Path, data: Path) -> tuple[list[str], np.ndarray]:
+    """Each test image's defect type and score from the run's weights, computed here and not by `eval`
+    (in batches of 8 as `eval` does, so that the scores are the same to the bit)."""
+    cfg, model, _ = load_run(run)
+    samples = scan_mvtec(data, require_test=True).test
+    images = torch.from_numpy(np.stack([read_rgb(sample.image, model.image_size) for sample in samples]))
+    fused = model.fused(cfg.method).eval()
+    return [sample.defect for sample in samples], torch.cat([fused(batch)[1] for batch in images.split(8)]).numpy()
+
+
 @pytest.mark.slow
-def test_eval_writes_metrics_and_report(tmp_path, datasets_dir, fast_config):
+def test_eval_writes_metrics_and_report(tmp_path, datasets_dir, fast_config, capsys):
     data = datasets_dir / "hazelnut"
     run, report = tmp_path / "run", tmp_path / "eval"
     assert fit(data, run, fast_config, "--max-steps", "3") == 0
+    defects, scores = scores_of_test_images(run, data)
+    good = np.array(defects) == "good"
+    assert good.sum() == 6 and len(good) == 23  # and 17 colour
+    # Ship a threshold that rejects some good images: an untrained model's own may pass everything.
+    thresholds = json.loads((run / "thresholds.json").read_text())
+    shipped = thresholds[thresholds["default"]]["image"] = float(np.sort(scores[good])[3])
+    (run / "thresholds.json").write_text(json.dumps(thresholds))
+    capsys.readouterr()
     assert main(["eval", str(run), str(data), "--out", str(report)]) == 0
     metrics = json.loads((report / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max"):
@@ -98,7 +122,29 @@ def test_eval_writes_metrics_and_report(tmp_path, datasets_dir, fast_config):
     assert set(metrics["per_defect"]) == {"colour"}
     assert metrics["run"]["images"] == 23
     assert (report / "samples.png").stat().st_size > 10_000
-    assert len(list(report.glob("*.png"))) >= 5
+    assert len(list(report.glob("*.png"))) >= 6
+
+    # the verdicts at the shipped threshold, recounted from the scores computed here
+    verdicts = metrics["verdicts"]
+    assert verdicts["policy"] == thresholds["default"] and verdicts["image_threshold"] == shipped
+    fails = scores >= shipped
+    rejected, caught = int(fails[good].sum()), int(fails[~good].sum())
+    assert 0 < rejected < 6
+    assert verdicts["counts"] == {"true_pass": 6 - rejected, "false_reject": rejected, "escape": 17 - caught,
+                                  "true_fail": caught}
+    assert verdicts["false_reject_rate"] == pytest.approx(rejected / 6)
+    assert verdicts["escape_rate"] == pytest.approx((17 - caught) / 17)
+    assert verdicts["accuracy"] == pytest.approx((6 - rejected + caught) / 23)
+    assert verdicts["recall"] == pytest.approx(caught / 17)
+    assert verdicts["precision"] == pytest.approx(caught / (caught + rejected))
+    assert verdicts["per_defect"] == {
+        "good": {"images": 6, "rejected": rejected, "false_reject_rate": pytest.approx(rejected / 6)},
+        "colour": {"images": 17, "caught": caught, "escape_rate": pytest.approx((17 - caught) / 17)}}
+    assert f"false rejects {rejected}/6 " in capsys.readouterr().out
+    histogram = report / "score_histogram.png"
+    assert histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    picture = cv2.imread(str(histogram))
+    assert picture is not None and picture.shape[0] >= 300 and picture.shape[1] >= 500
 
 
 @pytest.mark.slow
@@ -145,7 +191,8 @@ def test_bad_input_is_one_clear_line_and_nothing_is_written(tmp_path, case):
 def test_unreadable_image_is_named(tmp_path):
     good = tmp_path / "data" / "train" / "good"
     good.mkdir(parents=True)
-    cv2.imwrite(str(good / "000.png"), np.full((32, 32, 3), 128, np.uint8))
+    for name in ("000.png", "002.png", "003.png", "004.png"):
+        cv2.imwrite(str(good / name), np.full((32, 32, 3), 128, np.uint8))
     (good / "001.png").write_bytes(b"not a png")
     result = run_cli("fit", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--profile", "tiny")
     assert result.returncode == 1 and "001.png" in result.stderr and "Traceback" not in result.stderr

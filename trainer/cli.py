@@ -84,15 +84,30 @@ def run_fit(args: argparse.Namespace) -> None:
     if "thresholds" in result:
         print(f"best validation at step {result['step']}: image AUROC {result['image_auroc']:.4f}, "
               f"pixel AP {result['pixel_ap']:.4f}; run in {args.out}")
+        print_thresholds(result["thresholds"]["false_reject_rate"])
+
+
+def print_thresholds(calibrated: dict, label: str = "thresholds") -> None:
+    """The false-reject promise of calibrated thresholds, and a warning when it rests on few images."""
+    from trainer.evaluation.calibration import Thresholds
+
+    thresholds = Thresholds.from_dict(calibrated)
+    print(f"{label}: image {thresholds.image:.4f}, pixel {thresholds.pixel:.4f}; expected false rejects "
+          f"{thresholds.expected_false_reject_rate:.2%} (at most {thresholds.false_reject_rate_upper:.2%} with 90 % "
+          f"confidence) from {thresholds.calibration_images} good images ({thresholds.estimator})")
+    if warning := thresholds.too_few_images():
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def run_eval(args: argparse.Namespace) -> None:
     from trainer.evaluate import evaluate
+    from trainer.evaluation.report import verdict_line
 
     out = args.out or args.run_dir / "eval"
     m = evaluate(args.run_dir, args.data_dir, out)
     print(f"image AUROC {m['image_auroc']:.4f}  pixel AUROC {m['pixel_auroc']:.4f}  AUPRO {m['aupro']:.4f}  "
           f"pixel AP {m['pixel_ap']:.4f}  image F1max {m['image_f1_max']:.4f}  → {out / 'metrics.json'}")
+    print(verdict_line(m["verdicts"]))
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -8,8 +8,8 @@ import torch
 from trainer import run_dir as files
 from trainer.config import ConfigError, TrainConfig
 from trainer.data.mvtec import read_mask, read_rgb, scan_mvtec
-from trainer.evaluation.metrics import compute_metrics, resize_for_metrics
-from trainer.evaluation.report import write_curves, write_sample_grid
+from trainer.evaluation.metrics import compute_metrics, resize_for_metrics, verdict_metrics
+from trainer.evaluation.report import write_curves, write_sample_grid, write_score_histogram
 from trainer.fused import uint8_nhwc_to_unit_range
 from trainer.model import DiffusionAD
 from trainer.profiles import get_profile
@@ -48,13 +48,9 @@ def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_s
     metrics = compute_metrics(labels, scores, masks, maps_256, defects)
     policy = thresholds["default"]
     image_threshold = thresholds[policy]["image"]
-    fails = scores >= image_threshold
-    metrics["verdicts"] = {
-        "policy": policy, "image_threshold": image_threshold,
-        "accuracy": float(np.mean(fails == labels)),
-        "false_reject_rate": float(np.mean(fails[~labels])) if (~labels).any() else None,
-        "miss_rate": float(np.mean(~fails[labels])) if labels.any() else None,
-    }
+    # what the station would have said with the thresholds that ship in the bundle
+    metrics["verdicts"] = {"policy": policy, "image_threshold": image_threshold,
+                           **verdict_metrics(labels, scores >= image_threshold, defects)}
     metrics["run"] = {"profile": cfg.profile, "data": str(data_dir.resolve()), "images": len(images)}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -65,5 +61,6 @@ def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_s
     titles = [f"{folder.test[i].defect}/{folder.test[i].image.name}  score {scores[i]:.3f}" for i in picks]
     write_sample_grid(out / "samples.png", images[picks], recon, maps[picks], mask_small, titles)
     write_curves(out, labels, scores, masks, maps_256)
+    write_score_histogram(out / "score_histogram.png", labels, scores, metrics["verdicts"])
     files.write_json(out / "metrics.json", metrics)
     return metrics

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from trainer import run_dir as files
 from trainer.config import ConfigError, TrainConfig
 from trainer.data.foreground import foreground_mask, load_user_masks
-from trainer.data.mvtec import DataError, read_rgb, scan_mvtec, split_validation
+from trainer.data.mvtec import DataError, HoldoutSplit, read_rgb, scan_mvtec, split_holdout
 from trainer.data.synthesis import AnomalySynthesizer, list_textures
 from trainer.data.training_set import TrainingPairs, ValidationSet
 from trainer.model import DiffusionAD
@@ -65,10 +65,10 @@ def start_distributed() -> Distributed:
 @dataclass
 class PreparedData:
     train: TrainingPairs
-    validation: ValidationSet
+    validation: ValidationSet  # chooses the checkpoint
+    calibration: np.ndarray  # uint8 [N, H, W, 3] good images that set the thresholds, and nothing else
+    split: HoldoutSplit
     fingerprint: str
-    num_train: int
-    num_val: int
 
 
 def fingerprint_files(root: Path, paths: list[Path]) -> str:
@@ -84,9 +84,11 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
     """Scan, split, decode and compute foregrounds up front: bad data fails before any output."""
     size = get_profile(cfg.profile).image_size
     folder = scan_mvtec(data_dir, require_test=False)
-    if len(folder.train) < 2:
-        raise DataError(f"{data_dir / 'train' / 'good'}: need at least 2 good images (training + validation)")
-    train_paths, val_paths = split_validation(folder.train, cfg.val_fraction, cfg.seed)
+    try:
+        split = split_holdout(folder.train, cfg.val_fraction, cfg.calibration_fraction, cfg.seed)
+    except ValueError as err:
+        raise DataError(f"{data_dir / 'train' / 'good'}: {err}") from None
+    train_paths, val_paths = split.train, split.selection
     user_masks = load_user_masks(cfg.foreground_masks, size) if cfg.foreground_masks else {}
     textures = list_textures(cfg.textures) if cfg.textures else []
     # Texture classes always take a texture as anomaly source (METHOD.md); objects only sometimes.
@@ -104,9 +106,9 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
     return PreparedData(
         train=TrainingPairs(train_images, train_fg, synthesizer, cfg.seed),
         validation=ValidationSet(val_images, val_fg, synthesizer, cfg.seed + 1),
+        calibration=np.stack([read_rgb(p, size) for p in split.calibration]),
         fingerprint=fingerprint_files(data_dir, list(folder.train)),
-        num_train=len(train_paths),
-        num_val=len(val_paths),
+        split=split,
     )
 
 
@@ -163,7 +165,7 @@ class TrainingSession:
                                           drop_last=True)
         self.steps_per_epoch = len(self.sampler) // cfg.batch_size
         if self.steps_per_epoch == 0:
-            raise DataError(f"{data_dir}: {data.num_train} training images are fewer than one batch "
+            raise DataError(f"{data_dir}: {len(data.split.train)} training images are fewer than one batch "
                             f"({cfg.batch_size} per process × {ddp.world_size}); lower batch_size")
         self.step, self.elapsed, self.best = 0, 0.0, {"selection": -1.0, "step": 0}
 
@@ -171,7 +173,10 @@ class TrainingSession:
         files.write_json(self.run / files.CONFIG, {
             "train": self.cfg.model_dump(mode="json"),
             "data": {"path": str(self.data_dir.resolve()), "fingerprint": self.data.fingerprint,
-                     "train_images": self.data.num_train, "validation_images": self.data.num_val},
+                     "train_images": len(self.data.split.train),
+                     # By name: which good images chose the model and which set its thresholds.
+                     "selection_images": [p.name for p in self.data.split.selection],
+                     "calibration_images": [p.name for p in self.data.split.calibration]},
             "world_size": self.ddp.world_size,
         })
 
@@ -291,11 +296,12 @@ class TrainingSession:
         bar.close()
 
     def finish(self) -> dict:
-        """Reload the selected weights and calibrate thresholds on the validation split."""
+        """Reload the selected weights and calibrate thresholds on the calibration split."""
         if not self.ddp.is_main:
             return self.best
         files.load_weights(self.run / files.WEIGHTS, self.model)
-        thresholds = calibrate_run(self.model, self.cfg, self.data.validation, self.ddp.device)
+        thresholds = calibrate_run(self.model, self.cfg, self.data.calibration, self.data.validation,
+                                   self.ddp.device)
         files.write_json(self.run / files.THRESHOLDS, thresholds)
         files.write_json(self.run / files.VALIDATION, self.best)
         return {**self.best, "thresholds": thresholds}

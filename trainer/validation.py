@@ -1,11 +1,11 @@
-"""Validation during training: scores on held-out normal images and their synthetic anomalies,
-for model selection and threshold calibration (never the test set)."""
+"""Validation during training: scores on held-out normal images and their synthetic anomalies for
+model selection, and on other held-out normal images for the thresholds (never the test set)."""
 
 import numpy as np
 import torch
 
 from trainer.config import TrainConfig
-from trainer.data.training_set import ValidationSet
+from trainer.data.training_set import ValidationSet, to_model_range
 from trainer.evaluation.calibration import calibrate
 from trainer.evaluation.metrics import image_auroc, pixel_ap
 from trainer.method import MethodConfig
@@ -38,11 +38,14 @@ def validate(model: DiffusionAD, method: MethodConfig, val: ValidationSet, devic
     return {"image_auroc": float(i_auroc), "pixel_ap": float(p_ap), "selection": float((i_auroc + p_ap) / 2)}
 
 
-def calibrate_run(model: DiffusionAD, cfg: TrainConfig, val: ValidationSet, device: torch.device) -> dict:
-    """Thresholds under both policies; `default` is the false-reject-rate one (needs no defects).
+def calibrate_run(model: DiffusionAD, cfg: TrainConfig, calibration: np.ndarray, val: ValidationSet,
+                  device: torch.device) -> dict:
+    """Thresholds under both policies from the calibration images (uint8 NHWC good parts the model
+    was neither trained nor selected on); `default` is the false-reject-rate one (needs no defects).
 
-    max-F1 here uses the validation split's synthetic anomalies as its labelled defects."""
-    normal_maps, normal_scores = score_images(model, cfg.method, val.normal, device)
+    max-F1 here takes the selection split's synthetic anomalies as its labelled defects."""
+    normal = torch.stack([to_model_range(image) for image in calibration])
+    normal_maps, normal_scores = score_images(model, cfg.method, normal, device)
     anomal_maps, anomal_scores = score_images(model, cfg.method, val.anomalous, device)
     by_rate = calibrate("false_reject_rate", normal_scores, normal_maps, false_reject_rate=cfg.false_reject_rate)
     by_f1 = calibrate("max_f1", normal_scores, normal_maps, anomal_scores, anomal_maps,

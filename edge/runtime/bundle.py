@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from protocols.bundle import BUNDLE_VERSION, MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest
+from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, SUPPORTED_BUNDLE_VERSIONS, Manifest
 from protocols.signing import SIGNATURE_NAME, BundleSignature, SignatureError, TrustedKeys, verify_signature
 
 # Far above any real manifest or signature; a larger file is refused unread.
@@ -68,9 +68,9 @@ def _parse_manifest(path: Path, data: bytes) -> Manifest:
         raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{path}: not valid JSON ({err})") from None
-    if isinstance(raw, dict) and raw.get("version") != BUNDLE_VERSION:
+    if isinstance(raw, dict) and raw.get("version") not in SUPPORTED_BUNDLE_VERSIONS:
         raise BundleError(f"{path}: bundle version {raw.get('version')!r} is not supported "
-                          f"(this station reads version {BUNDLE_VERSION})")
+                          f"(this station reads versions {', '.join(map(str, SUPPORTED_BUNDLE_VERSIONS))})")
     try:
         return Manifest.model_validate(raw)
     except ValidationError as err:

@@ -154,18 +154,34 @@ def _resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def split_validation(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
-    """(train, validation): a seeded shuffle of the sorted paths, keeping at least one image on each side.
+@dataclass(frozen=True)
+class HoldoutSplit:
+    """train/good in three disjoint parts: what the model learns from, what chooses among its
+    checkpoints (with synthetic defects), and what sets its thresholds. The last must not be the
+    second: the chosen model's scores on the images that chose it are biased low."""
+    train: list[Path]
+    selection: list[Path]
+    calibration: list[Path]
 
-    A single image goes to train, leaving validation empty.
-    """
-    if not 0 < fraction < 1:
-        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+
+MIN_CALIBRATION_IMAGES = 2  # a spread needs two
+
+
+def split_holdout(paths: Sequence[Path], selection_fraction: float, calibration_fraction: float,
+                  seed: int) -> HoldoutSplit:
+    """A seeded shuffle of the sorted paths: at least one image to train on and to select with,
+    and at least two to calibrate with."""
+    if not (0 < selection_fraction < 1 and 0 < calibration_fraction < 1
+            and selection_fraction + calibration_fraction < 1):
+        raise ValueError(f"selection fraction {selection_fraction} and calibration fraction {calibration_fraction} "
+                         "must be in (0, 1) and leave images to train on")
     ordered = sorted(paths)
-    if len(ordered) < 2:
-        return ordered, []
-    n_validation = min(max(round(len(ordered) * fraction), 1), len(ordered) - 1)
-    order = np.random.default_rng(seed).permutation(len(ordered))
-    validation = sorted(ordered[i] for i in order[:n_validation])
-    train = sorted(ordered[i] for i in order[n_validation:])
-    return train, validation
+    n = len(ordered)
+    n_selection = max(round(n * selection_fraction), 1)
+    n_calibration = max(round(n * calibration_fraction), MIN_CALIBRATION_IMAGES)
+    if n < n_selection + n_calibration + 1:
+        raise ValueError(f"{n} good images: need at least {n_selection + n_calibration + 1} "
+                         f"(training, model selection and {n_calibration} for thresholds)")
+    shuffled = [ordered[i] for i in np.random.default_rng(seed).permutation(n)]
+    return HoldoutSplit(train=sorted(shuffled[n_selection + n_calibration:]), selection=sorted(shuffled[:n_selection]),
+                        calibration=sorted(shuffled[n_selection:n_selection + n_calibration]))

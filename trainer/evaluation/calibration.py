@@ -1,34 +1,98 @@
-"""Decision thresholds calibrated on a validation split (never the test set).
+"""Decision thresholds from held-out good images (never the test set, never the images that chose
+the model), with the false-reject rate they are expected to give on good parts not yet seen.
 
 Verdict rule everywhere: an image (or pixel) fails iff its score >= the threshold.
+
+Estimators of a threshold failing a fraction `rate` of good parts, from n good scores:
+- "conformal": the k-th smallest score, k = ceil((n + 1)(1 - rate)), passes. For exchangeable
+  scores a new good part fails with probability (n + 1 - k) / (n + 1) <= rate, whatever their
+  distribution; the realised rate of a given threshold is Beta(n + 1 - k, k). It needs
+  n >= 1/rate - 1 (99 images for 1 %).
+- "logit-normal": below that, the scores' logits (scores lie in [0, 1]) are taken as normal and
+  the threshold is the (1 - rate) quantile of the predictive Student-t for a new score, which
+  fails a new good part with probability `rate` if the model holds. Its uncertainty comes from
+  the posterior of the normal's mean and spread (Jeffreys prior).
+The pixel threshold applies the same estimator to each good image's highest map value: a good
+part shows no defect pixel at all, except at the target rate.
 """
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
 import numpy as np
+from scipy import stats
 
 from trainer.evaluation.metrics import max_f1, subsample_indices
 
 Policy = Literal["false_reject_rate", "max_f1"]
+Estimator = Literal["conformal", "logit-normal"]
 MAX_F1_PIXELS = 2_000_000  # enough for a stable pixel threshold; precision_recall_curve grows with it
+UPPER_QUANTILE = 0.9  # the "at most" rate reported beside the expected one
+_POSTERIOR_DRAWS = 20_000
+_LOGIT_CLIP = 1e-6  # scores of exactly 0 or 1 have no logit
 
 
-def threshold_for_false_reject_rate(normal_scores: np.ndarray, rate: float) -> float:
-    """The smallest threshold that fails at most a fraction `rate` of the normal scores."""
-    if not 0 <= rate < 1:
-        raise ValueError(f"false reject rate must be in [0, 1), got {rate}")
-    scores = np.asarray(normal_scores).ravel()
-    if scores.size == 0:
-        raise ValueError("need at least one normal score to calibrate a threshold")
-    if not np.issubdtype(scores.dtype, np.floating):
-        scores = scores.astype(np.float64)
-    # the tolerance keeps e.g. 0.29 * 100 from flooring to 28
-    allowed_fails = int(np.floor(rate * scores.size + 1e-9))
-    # everything strictly above the (allowed_fails + 1)-th largest score may fail
-    highest_passing = np.partition(scores, scores.size - 1 - allowed_fails)[scores.size - 1 - allowed_fails]
-    # step in the scores' own precision, so the threshold still separates them if compared as float32
-    return float(np.nextafter(highest_passing, np.inf, dtype=scores.dtype))
+@dataclass(frozen=True)
+class RateEstimate:
+    """A threshold and the false-reject rate it should give on new good parts."""
+    threshold: float
+    estimator: Estimator
+    expected_rate: float  # mean false-reject rate on new good parts
+    upper_rate: float  # the realised rate is below this with probability UPPER_QUANTILE
+    images: int
+
+
+def _check(scores: np.ndarray, rate: float) -> np.ndarray:
+    if not 0 < rate < 1:
+        raise ValueError(f"false reject rate must be in (0, 1), got {rate}")
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if scores.size < 2:
+        raise ValueError(f"need at least 2 good images to calibrate a threshold, got {scores.size}")
+    return scores
+
+
+def _just_above(value: float) -> float:
+    """The next float32 above `value`: a station comparing float32 scores sees the same verdicts."""
+    return float(np.nextafter(np.float32(value), np.float32(np.inf)))
+
+
+def conformal_rank(n: int, rate: float) -> int | None:
+    """The rank (1-based, ascending) of the highest passing score, or None if n is too small."""
+    k = math.ceil((n + 1) * (1 - rate) - 1e-9)  # the tolerance keeps e.g. 0.99 * 100 from rounding up
+    return k if k <= n else None
+
+
+def conformal_threshold(scores: np.ndarray, rate: float) -> RateEstimate | None:
+    """Split-conformal threshold; None when the scores are too few for `rate`."""
+    scores = _check(scores, rate)
+    n = scores.size
+    k = conformal_rank(n, rate)
+    if k is None:
+        return None
+    threshold = _just_above(np.sort(scores)[k - 1])
+    a, b = n + 1 - k, k
+    return RateEstimate(threshold, "conformal", a / (a + b), float(stats.beta.ppf(UPPER_QUANTILE, a, b)), n)
+
+
+def logit_normal_threshold(scores: np.ndarray, rate: float, seed: int = 0) -> RateEstimate:
+    scores = _check(scores, rate)
+    n = scores.size
+    z = stats.logistic.ppf(np.clip(scores, _LOGIT_CLIP, 1 - _LOGIT_CLIP))
+    mean, spread = z.mean(), max(z.std(ddof=1), 1e-6)
+    z_threshold = mean + spread * math.sqrt(1 + 1 / n) * stats.t.ppf(1 - rate, n - 1)
+    # Posterior of the normal given the logits: sigma² ~ (n-1)s²/χ²(n-1), mu ~ N(mean, sigma²/n).
+    rng = np.random.default_rng(seed)
+    sigma = spread * np.sqrt((n - 1) / rng.chisquare(n - 1, _POSTERIOR_DRAWS))
+    mu = rng.normal(mean, sigma / math.sqrt(n))
+    rates = stats.norm.sf((z_threshold - mu) / sigma)
+    threshold = _just_above(stats.logistic.cdf(z_threshold))
+    return RateEstimate(threshold, "logit-normal", float(rates.mean()), float(np.quantile(rates, UPPER_QUANTILE)), n)
+
+
+def estimate_threshold(scores: np.ndarray, rate: float) -> RateEstimate:
+    """Conformal when there are enough scores for `rate`, else the logit-normal fit."""
+    return conformal_threshold(scores, rate) or logit_normal_threshold(scores, rate)
 
 
 def threshold_max_f1(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -46,6 +110,10 @@ class Thresholds:
     policy: Policy
     target_false_reject_rate: float | None  # only for the false_reject_rate policy
     calibration_images: int
+    # The false_reject_rate policy's promise for new good parts, and how it was reached.
+    estimator: Estimator | None = None
+    expected_false_reject_rate: float | None = None
+    false_reject_rate_upper: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,26 +122,35 @@ class Thresholds:
     def from_dict(cls, data: dict) -> "Thresholds":
         if data["policy"] not in get_args(Policy):
             raise ValueError(f"unknown threshold policy {data['policy']!r}; expected one of {get_args(Policy)}")
-        rate = data["target_false_reject_rate"]
-        return cls(image=float(data["image"]), pixel=float(data["pixel"]), policy=data["policy"],
-                   target_false_reject_rate=None if rate is None else float(rate),
-                   calibration_images=int(data["calibration_images"]))
+        return cls(**{**data, "image": float(data["image"]), "pixel": float(data["pixel"])})
+
+    def too_few_images(self) -> str | None:
+        """A warning when the rate rests on a fit rather than on enough observed good parts."""
+        if self.estimator != "logit-normal":
+            return None
+        needed = math.ceil(1 / self.target_false_reject_rate) - 1
+        return (f"{self.calibration_images} calibration images are too few to observe a "
+                f"{self.target_false_reject_rate:.1%} false-reject rate (that takes {needed}): the expected "
+                f"rate rests on a logit-normal fit of the good scores; recalibrate with more good images "
+                f"(trainer calibrate)")
 
 
 def calibrate(policy: Policy, normal_scores: np.ndarray, normal_maps: np.ndarray,
               anomalous_scores: np.ndarray | None = None, anomalous_maps: np.ndarray | None = None,
               anomalous_masks: np.ndarray | None = None, false_reject_rate: float = 0.01) -> Thresholds:
-    """Image and pixel thresholds from validation images: scores [N], maps [N,H,W], masks bool [N,H,W].
+    """Image and pixel thresholds: scores [N], maps [N,H,W], masks bool [N,H,W].
 
-    "false_reject_rate" needs only normal images: at most that fraction of normal images fail, and
-    at most that fraction of normal pixels are flagged. "max_f1" needs labelled defective images and
-    maximises F1 over images and over pixels respectively.
+    "false_reject_rate" needs only good images (see the module docstring). "max_f1" needs labelled
+    defective images and maximises F1 over images and over pixels respectively.
     """
     if policy == "false_reject_rate":
-        return Thresholds(image=threshold_for_false_reject_rate(normal_scores, false_reject_rate),
-                          pixel=threshold_for_false_reject_rate(normal_maps, false_reject_rate),
-                          policy=policy, target_false_reject_rate=false_reject_rate,
-                          calibration_images=len(normal_scores))
+        image = estimate_threshold(normal_scores, false_reject_rate)
+        highest_pixels = np.asarray(normal_maps).reshape(len(normal_scores), -1).max(axis=1)
+        pixel = estimate_threshold(highest_pixels, false_reject_rate)
+        return Thresholds(image=image.threshold, pixel=pixel.threshold, policy=policy,
+                          target_false_reject_rate=false_reject_rate, calibration_images=image.images,
+                          estimator=image.estimator, expected_false_reject_rate=image.expected_rate,
+                          false_reject_rate_upper=image.upper_rate)
     if policy == "max_f1":
         given = {"anomalous_scores": anomalous_scores, "anomalous_maps": anomalous_maps,
                  "anomalous_masks": anomalous_masks}

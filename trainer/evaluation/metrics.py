@@ -2,7 +2,7 @@
 
 All metrics are in [0, 1]. A metric that is undefined on its input (only one class present: no
 defective images, no defective pixels, or no normal ones) is NaN rather than an error; callers
-serialise NaN as null.
+serialise NaN as null. The verdict ratios (verdict_metrics) are None when undefined, ready for JSON.
 """
 
 from collections.abc import Sequence
@@ -193,3 +193,53 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, m
         subset = (defect_types == defect) | ~labels
         result["per_defect"][defect] = _metrics_on(labels[subset], scores[subset], masks[subset], maps[subset])
     return result
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    """part / whole, or None when there is nothing to divide by (undefined, which is not 0)."""
+    return part / whole if whole else None
+
+
+def verdict_metrics(labels: np.ndarray, fails: np.ndarray, defect_types: Sequence[str]) -> dict:
+    """How pass/fail verdicts at one threshold compare with the truth, as a plant counts them.
+
+    labels bool [N] (True = defective), fails bool [N] (True = the part was rejected), defect_types
+    [N]. Counts: true_pass (good passed), false_reject (good failed), escape (defective passed),
+    true_fail (defective failed). Precision and recall are those of the fail verdict, F1 is
+    2·true_fail / (2·true_fail + false_reject + escape). per_defect gives, for each type of normal
+    images (e.g. "good"), how many were rejected and the false reject rate, and for each defect type
+    how many were caught and the escape rate. Ratios are plain floats, None when undefined (e.g. no
+    defective images, nothing failed).
+    """
+    labels, fails = np.asarray(labels, dtype=bool), np.asarray(fails, dtype=bool)
+    defect_types = np.asarray(defect_types)
+    if labels.ndim != 1 or not labels.shape == fails.shape == defect_types.shape:
+        raise ValueError(f"need one label, verdict and defect type per image; got shapes {labels.shape}, "
+                         f"{fails.shape} and {defect_types.shape}")
+    counts = {
+        "true_pass": int(np.sum(~labels & ~fails)),
+        "false_reject": int(np.sum(~labels & fails)),
+        "escape": int(np.sum(labels & ~fails)),
+        "true_fail": int(np.sum(labels & fails)),
+    }
+    good, defective = counts["true_pass"] + counts["false_reject"], counts["escape"] + counts["true_fail"]
+    per_defect = {}
+    for defect in sorted(set(defect_types.tolist())):
+        of_type = defect_types == defect
+        images, failed = int(of_type.sum()), int(fails[of_type].sum())
+        if not labels[of_type].any():
+            per_defect[defect] = {"images": images, "rejected": failed, "false_reject_rate": failed / images}
+        elif labels[of_type].all():
+            per_defect[defect] = {"images": images, "caught": failed, "escape_rate": (images - failed) / images}
+        else:
+            raise ValueError(f"defect type {defect!r} names both normal and defective images")
+    return {
+        "counts": counts,
+        "accuracy": _ratio(counts["true_pass"] + counts["true_fail"], len(labels)),
+        "precision": _ratio(counts["true_fail"], counts["true_fail"] + counts["false_reject"]),
+        "recall": _ratio(counts["true_fail"], defective),
+        "f1": _ratio(2 * counts["true_fail"], 2 * counts["true_fail"] + counts["false_reject"] + counts["escape"]),
+        "false_reject_rate": _ratio(counts["false_reject"], good),
+        "escape_rate": _ratio(counts["escape"], defective),
+        "per_defect": per_defect,
+    }
