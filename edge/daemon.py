@@ -642,16 +642,21 @@ class Daemon:
         pixel_threshold = thresholds.pixel if cfg.pixel_threshold is None else cfg.pixel_threshold
         frame, header = queued.frame, queued.frame.header
         post_start = time.monotonic_ns()
-        # Fail-safe: a pixel the model gave no finite value for counts as defective.
-        anomaly_map = np.nan_to_num(outcome.anomaly_map, nan=1.0, posinf=1.0, neginf=1.0)
-        mask, regions = find_regions(upscale_map(anomaly_map, header.height, header.width), pixel_threshold,
-                                     cfg.min_region_px)
-        encoded_mask = mask_png_base64(mask) if self.settings.result.include_mask else None
+        verdict = "fail" if outcome.flags or outcome.score >= image_threshold else "pass"
+        regions, encoded_mask = [], None
+        if verdict == "fail" or self.settings.result.regions_on_pass:
+            # Fail-safe: a pixel the model gave no finite value for counts as defective.
+            anomaly_map = np.nan_to_num(outcome.anomaly_map, nan=1.0, posinf=1.0, neginf=1.0)
+            # A fail always shows where: its score is a mean of its highest pixels, so some reach the
+            # image threshold even where none reaches the (higher) pixel threshold.
+            region_threshold = min(pixel_threshold, image_threshold) if verdict == "fail" else pixel_threshold
+            mask, regions = find_regions(upscale_map(anomaly_map, header.height, header.width), region_threshold,
+                                         cfg.min_region_px)
+            encoded_mask = mask_png_base64(mask) if self.settings.result.include_mask else None
         done = time.monotonic_ns()
         latency = LatencyMs(queue=_ms(queued.queued_ns, inferred.start_ns), decode=frame.decode_ms,
                             infer=_ms(inferred.start_ns, inferred.inferred_ns), post=_ms(post_start, done),
                             total=_ms(frame.received_ns, done))
-        verdict = "fail" if outcome.flags or outcome.score >= image_threshold else "pass"
         score = None if "non_finite_score" in outcome.flags else round(outcome.score, 6)
         return Result(result_id=self.ids.next(), camera_id=header.camera_id, frame_id=header.frame_id,
                       part_id=header.part_id, verdict=verdict, score=score, threshold=image_threshold,

@@ -83,7 +83,9 @@ class OutboxSettings(_Section):
 
 
 class ResultSettings(_Section):
-    include_mask: bool = Field(True, description="base64 PNG mask in each result")
+    include_mask: bool = Field(True, description="base64 PNG mask in each result that carries regions")
+    regions_on_pass: bool = Field(False, description="pass results carry regions and a mask too (by default only "
+                                  "a fail does: its regions are the defect)")
 
 
 class Settings(BaseSettings):

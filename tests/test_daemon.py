@@ -41,12 +41,34 @@ def test_200_replayed_frames_give_exactly_200_results_with_masks(bundles, hazeln
         assert result.threshold == json.loads((bundles[0] / "manifest.json").read_text())["thresholds"]["image"]
         assert (result.verdict == "fail") == (result.score >= result.threshold)
         assert result.latency_ms.total >= result.latency_ms.infer > 0
-    mask = cv2.imdecode(np.frombuffer(base64.b64decode(results["000007"].mask), np.uint8),
-                        cv2.IMREAD_UNCHANGED)
-    assert mask.shape == (512, 512)
+        assert (result.mask is None and not result.regions) if result.verdict == "pass" else result.mask
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
     assert "edge_frames_received_total 200.0" in metrics
     assert 'edge_latency_seconds_count{stage="infer"} 200.0' in metrics
+
+
+def decoded_mask(result: Result) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(base64.b64decode(result.mask), np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+@pytest.mark.parametrize(("image_threshold", "regions_on_pass"), [(0.0, False), (1.01, False), (1.01, True)])
+def test_only_fails_carry_regions_and_every_fail_shows_where(bundles, hazelnut_dir, daemon_factory, broker,
+                                                          image_threshold, regions_on_pass):
+    """Thresholds forced so every frame fails (0) or passes (above any score)."""
+    daemon = daemon_factory(bundles[0], image_threshold=image_threshold,
+                            sections={"result": {"regions_on_pass": regions_on_pass}})
+    with Subscriber(broker.port, f"{PREFIX}/#") as sub:
+        assert replay(hazelnut_dir, daemon.endpoint, limit=8) == 8
+        results = results_by_frame(sub, 8)
+    for result in results.values():
+        assert result.verdict == ("fail" if image_threshold == 0 else "pass")
+        if result.verdict == "fail":
+            # min(pixel, image) threshold: a fail's highest pixels always show
+            assert result.regions and decoded_mask(result).shape == (512, 512) and decoded_mask(result).any()
+        elif regions_on_pass:
+            assert result.mask is not None and decoded_mask(result).shape == (512, 512)
+        else:
+            assert result.mask is None and result.regions == []
 
 
 def test_malformed_messages_each_get_an_error_and_the_daemon_keeps_serving(bundles, daemon_factory, broker):

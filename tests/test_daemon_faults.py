@@ -279,7 +279,7 @@ def test_reload_of_a_bundle_failing_warm_up_under_load_keeps_serving_and_a_cp_p_
         for path in sorted(source.iterdir(), key=lambda p: p.name == "manifest.sha256"):
             subprocess.run(["cp", "-p", str(path), str(current / path.name)], check=True)
 
-    frames = 400
+    frames = 800  # 40 s at 20 fps: both reloads (two warm-ups) fit in it on a busy machine too
     with Subscriber(broker.port, f"{PREFIX}/#") as sub:
         sender = threading.Thread(target=replay, args=(hazelnut_dir, daemon.endpoint),
                                   kwargs={"fps": 20, "loop": True, "limit": frames})
