@@ -1,4 +1,4 @@
-"""`trainer fit | eval | export | sign | keygen | synth`: thin wrappers over the library with
+"""`trainer fit | eval | export | calibrate | sign | keygen | synth`: thin wrappers over the library with
 one-line errors."""
 
 import argparse
@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-batch", type=int, default=8)
     export.add_argument("--sign-key", type=Path, metavar="FILE",
                         help="Ed25519 private key (trainer keygen): sign the bundle for stations with trusted_keys_dir")
+
+    cal = sub.add_parser("calibrate", help="new thresholds from good parts taken on the line (a run or a bundle)")
+    cal.add_argument("source", type=Path, metavar="RUN_OR_BUNDLE")
+    cal.add_argument("good_dir", type=Path, help="folder of good images (searched recursively)")
+    cal.add_argument("--defects", type=Path, metavar="DIR", help="defective images: escape rates before and after")
+    cal.add_argument("--false-reject-rate", type=float, default=0.01, help="target (default: %(default)s)")
+    cal.add_argument("--out", type=Path, help="for a bundle: where to write the recalibrated copy")
+    cal.add_argument("--sign-key", type=Path, metavar="FILE", help="sign the new bundle")
 
     sign = sub.add_parser("sign", help="(re-)sign a bundle, e.g. after its thresholds were changed")
     sign.add_argument("bundle", type=Path)
@@ -119,6 +127,31 @@ def run_export(args: argparse.Namespace) -> None:
           f"({', '.join(f.path for f in manifest.files)}{signed})")
 
 
+def run_calibrate(args: argparse.Namespace) -> None:
+    from trainer.recalibration import recalibrate
+
+    if not 0 < args.false_reject_rate < 1:
+        raise ConfigError(f"--false-reject-rate must be in (0, 1), got {args.false_reject_rate}")
+    if args.sign_key is not None and args.out is None:
+        raise ConfigError("--sign-key signs the new bundle: give --out too")
+    done = recalibrate(args.source, args.good_dir, args.defects, args.false_reject_rate, args.out)
+    before = done.before
+    print(f"before: image {before.image:.4f}: rejects {done.good_rejected_before:.1%} of these good images"
+          + (f"; expected false rejects {before.expected_false_reject_rate:.2%}"
+             if before.expected_false_reject_rate is not None else ""))
+    print_thresholds(done.after.to_dict(), label="after")
+    if done.escapes is not None:
+        print(f"escapes on the defective images: {done.escapes[0]:.1%} before, {done.escapes[1]:.1%} after")
+    if args.out is not None:
+        if args.sign_key is not None:
+            from trainer.export.signing import sign_bundle
+
+            sign_bundle(args.out, args.sign_key)
+        print(f"bundle with the new thresholds → {args.out}{' (signed)' if args.sign_key else ' (unsigned)'}")
+    else:
+        print(f"thresholds → {args.source / 'thresholds.json'} (trainer export to ship them)")
+
+
 def run_sign(args: argparse.Namespace) -> None:
     from trainer.export.signing import sign_bundle
 
@@ -149,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     from protocols.signing import SignatureError
     from trainer.export.tensorrt import TensorRTUnavailable
 
-    commands = {"fit": run_fit, "eval": run_eval, "export": run_export, "sign": run_sign, "keygen": run_keygen,
-                "synth": run_synth}
+    commands = {"fit": run_fit, "eval": run_eval, "export": run_export, "calibrate": run_calibrate, "sign": run_sign,
+                "keygen": run_keygen, "synth": run_synth}
     try:
         commands[args.command](args)
     except (ConfigError, DataError, FloatingPointError, TensorRTUnavailable, SignatureError) as err:

@@ -1,0 +1,65 @@
+"""`trainer calibrate`: thresholds from other good images, into a run (then export) or into a copy
+of a bundle, which a station then serves."""
+
+import json
+import shutil
+
+import pytest
+from mqtt_broker import Subscriber
+from station_process import PREFIX, results_by_frame
+
+from edge.replay import replay
+from protocols.bundle import MANIFEST_NAME, Manifest
+from trainer.cli import main as trainer
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_run_recalibrated_on_line_images_exports_the_new_thresholds(tiny_run, datasets_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = json.loads((run / "thresholds.json").read_text())["false_reject_rate"]
+    good, defects = datasets_dir / "hazelnut" / "test" / "good", datasets_dir / "hazelnut" / "test" / "colour"
+    assert trainer(["calibrate", str(run), str(good), "--defects", str(defects), "--false-reject-rate", "0.05"]) == 0
+    printed = capsys.readouterr()
+    thresholds = json.loads((run / "thresholds.json").read_text())
+    after = thresholds["false_reject_rate"]
+    assert after["calibration_images"] == len(list(good.iterdir())) and thresholds["calibrated_on"] == str(good)
+    assert after["target_false_reject_rate"] == 0.05 and after["image"] != before["image"]
+    assert after["estimator"] == "logit-normal" and "too few" in printed.err  # 6 images cannot show 5 %
+    assert "before: image" in printed.out and "escapes on the defective images" in printed.out
+    assert trainer(["export", str(run), "--out", str(tmp_path / "bundle"), "--target", "portable"]) == 0
+    shipped = Manifest.model_validate_json((tmp_path / "bundle" / MANIFEST_NAME).read_text()).thresholds
+    assert (shipped.image, shipped.pixel, shipped.calibration_images) == (after["image"], after["pixel"], 6)
+
+
+def test_a_recalibrated_bundle_copy_is_what_the_station_serves(bundles, datasets_dir, tmp_path, daemon_factory,
+                                                              broker, hazelnut_dir):
+    out = tmp_path / "recalibrated"
+    good = datasets_dir / "hazelnut" / "test" / "good"
+    assert trainer(["calibrate", str(bundles[0]), str(good), "--out", str(out), "--false-reject-rate", "0.2"]) == 0
+    old = Manifest.model_validate_json((bundles[0] / MANIFEST_NAME).read_text())
+    new = Manifest.model_validate_json((out / MANIFEST_NAME).read_text())
+    assert new.thresholds.image != old.thresholds.image and new.thresholds.target_false_reject_rate == 0.2
+    assert new.files == old.files and new.model == old.model, "same graphs: only the thresholds change"
+    daemon = daemon_factory(out)
+    with Subscriber(broker.port, f"{PREFIX}/#") as sub:
+        assert replay(hazelnut_dir, daemon.endpoint, limit=4) == 4
+        results = results_by_frame(sub, 4)
+    assert {r.threshold for r in results.values()} == {new.thresholds.image}
+
+
+def test_calibrate_refuses_what_it_cannot_do_in_one_line(bundles, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ([str(bundles[0]), str(empty)], "give --out for the recalibrated copy"),
+        ([str(bundles[0]), str(empty), "--out", str(bundles[1])], "exists; not overwriting"),
+        ([str(bundles[0]), str(empty), "--out", str(tmp_path / "new")], "no images"),
+        ([str(bundles[0]), str(empty), "--false-reject-rate", "1.5"], "must be in (0, 1)"),
+    ]
+    for args, message in cases:
+        assert trainer(["calibrate", *args]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "new").exists()
