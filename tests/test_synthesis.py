@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer.data import synthesis
-from trainer.data.foreground import foreground_mask, load_user_masks
+from trainer.data.foreground import choose_foreground, foreground_mask, load_user_masks
 from trainer.data.mvtec import DataError, read_rgb, scan_mvtec
 from trainer.data.perlin import perlin_mask, perlin_noise
 from trainer.data.samples import write_synthetic_samples
@@ -239,3 +239,14 @@ def test_sample_writer_writes_a_panel_per_sample_and_a_grid(tmp_path: Path):
     assert all(set(np.unique(tile)) <= {0, 255} and tile.max() == 255 for tile in mask_tiles)
     grid = cv2.imread(str(written[-1]))
     assert grid is not None and grid.shape[0] * grid.shape[1] >= 5 * SIZE * 4 * SIZE
+
+
+@pytest.mark.parametrize(("folder", "mode"), [("bottle/train/good", "object"), ("hazelnut/train/good", "object"),
+                                              ("magnetic_tile/train/good", "texture"),
+                                              ("dtd/images/chequered", "texture"), ("dtd/images/cracked", "texture")])
+def test_auto_foreground_tells_parts_on_a_background_from_textures(datasets_dir, folder, mode):
+    from trainer.data.mvtec import list_images, read_rgb
+
+    images = np.stack([read_rgb(p, 128) for p in list_images(datasets_dir / folder)[:40]])
+    assert choose_foreground(images)[0] == mode
+

@@ -85,6 +85,8 @@ def test_fit_is_reproducible_and_an_interrupted_run_resumes_exactly(tmp_path, da
     config = json.loads((run / "config.json").read_text())
     selection, calibration = config["data"]["selection_images"], config["data"]["calibration_images"]
     assert selection and len(config["data"]["fingerprint"]) == 64
+    assert config["data"]["foreground"] == {"mode": "object", "chosen_by": "auto", "images_showing_an_object": 1.0}
+    assert config["train"]["lr_denoiser"] == 1e-3, "the tiny profile's budget-aware learning rate"
     # The images that chose the model do not set its thresholds (their scores are biased low).
     assert not set(selection) & set(calibration)
     assert thresholds["false_reject_rate"]["calibration_images"] == len(calibration) != len(selection)

@@ -4,7 +4,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainer.method import MethodConfig
 from trainer.profiles import PROFILES
@@ -17,12 +17,20 @@ class ConfigError(Exception):
 class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_learning_rate(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("profile", "small") in PROFILES:
+            rate = PROFILES[data.get("profile", "small")].learning_rate
+            data = {"lr_denoiser": rate, "lr_segmenter": rate, **data}
+        return data
+
     profile: Literal[tuple(PROFILES)] = Field("small", description="model size: tiny | small | paper")
     method: MethodConfig = MethodConfig()
     seed: int = Field(0, ge=0, description="seeds data split, synthesis, initialisation and noise draws")
     batch_size: int = Field(8, gt=0, description="normal images per step; as many synthetic ones are added")
-    lr_denoiser: float = Field(1e-4, gt=0)
-    lr_segmenter: float = Field(1e-4, gt=0)
+    lr_denoiser: float = Field(gt=0, description="default: the profile's learning rate")
+    lr_segmenter: float = Field(gt=0, description="default: the profile's learning rate")
     warmup_fraction: float = Field(0.02, ge=0, lt=1, description="linear warm-up, as a fraction of the run")
     final_lr_fraction: float = Field(0.05, ge=0, le=1, description="cosine decay ends at this fraction of the peak lr")
     weight_decay: float = Field(0.0, ge=0)
@@ -32,7 +40,9 @@ class TrainConfig(BaseModel):
                                         "thresholds (nothing else sees it)")
     val_every: int = Field(100, gt=0, description="steps between validations (model selection)")
     checkpoint_every: int = Field(100, gt=0, description="steps between resumable checkpoints")
-    foreground: Literal["object", "texture"] = Field("object", description="where synthetic defects may appear")
+    foreground: Literal["auto", "object", "texture"] = Field(
+        "auto", description="where synthetic defects may appear; auto: object if most training images show one "
+                            "(the decision is logged and kept in config.json)")
     foreground_masks: Path | None = Field(None, description="folder of user foreground masks (by image stem)")
     textures: Path | None = Field(None, description="folder of texture images used as anomaly source")
     texture_probability: float = Field(0.5, ge=0, le=1, description="chance of a texture source (objects)")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from trainer import run_dir as files
 from trainer.config import ConfigError, TrainConfig
-from trainer.data.foreground import foreground_mask, load_user_masks
+from trainer.data.foreground import AUTO_OBJECT_SHARE, choose_foreground, foreground_mask, load_user_masks
 from trainer.data.mvtec import DataError, HoldoutSplit, read_rgb, scan_mvtec, split_holdout
 from trainer.data.synthesis import AnomalySynthesizer, list_textures
 from trainer.data.training_set import TrainingPairs, ValidationSet
@@ -68,6 +68,7 @@ class PreparedData:
     validation: ValidationSet  # chooses the checkpoint
     calibration: np.ndarray  # uint8 [N, H, W, 3] good images that set the thresholds, and nothing else
     split: HoldoutSplit
+    foreground: dict  # the mode synthesis used and who chose it (config.json)
     fingerprint: str
 
 
@@ -91,24 +92,29 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
     train_paths, val_paths = split.train, split.selection
     user_masks = load_user_masks(cfg.foreground_masks, size) if cfg.foreground_masks else {}
     textures = list_textures(cfg.textures) if cfg.textures else []
+    train_images = np.stack([read_rgb(p, size) for p in train_paths])
+    val_images = np.stack([read_rgb(p, size) for p in val_paths])
+    if cfg.foreground == "auto":
+        mode, object_share = choose_foreground(train_images)
+        foreground = {"mode": mode, "chosen_by": "auto", "images_showing_an_object": round(object_share, 3)}
+    else:
+        mode, foreground = cfg.foreground, {"mode": cfg.foreground, "chosen_by": "config"}
     # Texture classes always take a texture as anomaly source (METHOD.md); objects only sometimes.
-    texture_probability = 1.0 if cfg.foreground == "texture" else cfg.texture_probability
+    texture_probability = 1.0 if mode == "texture" else cfg.texture_probability
     synthesizer = AnomalySynthesizer(size, textures, texture_probability=texture_probability)
 
-    def load(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-        images = np.stack([read_rgb(p, size) for p in paths])
-        fgs = np.stack([user_masks[p.stem] if p.stem in user_masks else foreground_mask(im, cfg.foreground)
-                        for p, im in zip(paths, images)])
-        return images, fgs
+    def foregrounds(paths: list[Path], images: np.ndarray) -> np.ndarray:
+        return np.stack([user_masks[p.stem] if p.stem in user_masks else foreground_mask(im, mode)
+                         for p, im in zip(paths, images)])
 
-    train_images, train_fg = load(train_paths)
-    val_images, val_fg = load(val_paths)
+    train_fg, val_fg = foregrounds(train_paths, train_images), foregrounds(val_paths, val_images)
     return PreparedData(
         train=TrainingPairs(train_images, train_fg, synthesizer, cfg.seed),
         validation=ValidationSet(val_images, val_fg, synthesizer, cfg.seed + 1),
         calibration=np.stack([read_rgb(p, size) for p in split.calibration]),
         fingerprint=fingerprint_files(data_dir, list(folder.train)),
         split=split,
+        foreground=foreground,
     )
 
 
@@ -129,6 +135,10 @@ def fit(data_dir: Path, run: Path, cfg: TrainConfig, limits: RunLimits, resume: 
             limits = session.restore(limits)
         elif ddp.is_main:
             session.write_config()
+        if ddp.is_main and data.foreground["chosen_by"] == "auto":
+            share = data.foreground["images_showing_an_object"]
+            print(f"foreground: {data.foreground['mode']} ({share:.0%} of the training images show an object "
+                  f"on a background; object from {AUTO_OBJECT_SHARE:.0%})")
         try:
             session.train(limits)
         except KeyboardInterrupt:
@@ -176,7 +186,8 @@ class TrainingSession:
                      "train_images": len(self.data.split.train),
                      # By name: which good images chose the model and which set its thresholds.
                      "selection_images": [p.name for p in self.data.split.selection],
-                     "calibration_images": [p.name for p in self.data.split.calibration]},
+                     "calibration_images": [p.name for p in self.data.split.calibration],
+                     "foreground": self.data.foreground},
             "world_size": self.ddp.world_size,
         })
 

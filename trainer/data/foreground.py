@@ -18,17 +18,27 @@ MIN_COMPONENT_FRACTION = 0.01  # smaller blobs are noise or dirt, not the object
 # Beyond these the segmentation failed (or the image is a texture): anomalies may go anywhere.
 MIN_COVERAGE, MAX_COVERAGE = 0.05, 0.98
 MAX_BORDER_COVERAGE = 0.25
+# `auto` trains an object class when the object segmentation holds on at least this share of the
+# training images: a part on a background holds on nearly all, a texture on few.
+AUTO_OBJECT_SHARE = 0.8
 
 
 def foreground_mask(image: np.ndarray, mode: ForegroundMode) -> np.ndarray:
     """bool [H, W] of the pixels an anomaly may cover: all of a texture; the object otherwise."""
-    if mode == "texture":
-        return np.ones(image.shape[:2], dtype=bool)
-    mask = _object_mask(image)
+    mask = _object_mask(image) if mode == "object" else None
+    return mask if mask is not None and _is_object(mask) else np.ones(image.shape[:2], dtype=bool)
+
+
+def choose_foreground(images: np.ndarray) -> tuple[ForegroundMode, float]:
+    """`object` or `texture` for `foreground = "auto"`, and the share of images showing an object."""
+    share = float(np.mean([_is_object(_object_mask(image)) for image in images]))
+    return ("object" if share >= AUTO_OBJECT_SHARE else "texture"), share
+
+
+def _is_object(mask: np.ndarray) -> bool:
+    """Whether a segmentation found an object; beyond these bounds it failed, or the image is a texture."""
     coverage, border_coverage = mask.mean(), _border_pixels(mask).mean()
-    if MIN_COVERAGE <= coverage <= MAX_COVERAGE and border_coverage <= MAX_BORDER_COVERAGE:
-        return mask
-    return np.ones(image.shape[:2], dtype=bool)
+    return MIN_COVERAGE <= coverage <= MAX_COVERAGE and border_coverage <= MAX_BORDER_COVERAGE
 
 
 def _object_mask(image: np.ndarray) -> np.ndarray:
