@@ -15,7 +15,8 @@ from trainer.cli import main as trainer
 pytestmark = pytest.mark.slow
 
 
-def test_a_run_recalibrated_on_line_images_exports_the_new_thresholds(tiny_run, datasets_dir, tmp_path, capsys):
+def test_a_run_recalibrated_on_line_images_is_exported_and_served_with_the_new_thresholds(
+        tiny_run, datasets_dir, tmp_path, capsys, daemon_factory, broker, hazelnut_dir):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     before = json.loads((run / "thresholds.json").read_text())["false_reject_rate"]
@@ -31,6 +32,10 @@ def test_a_run_recalibrated_on_line_images_exports_the_new_thresholds(tiny_run, 
     assert trainer(["export", str(run), "--out", str(tmp_path / "bundle"), "--target", "portable"]) == 0
     shipped = Manifest.model_validate_json((tmp_path / "bundle" / MANIFEST_NAME).read_text()).thresholds
     assert (shipped.image, shipped.pixel, shipped.calibration_images) == (after["image"], after["pixel"], 6)
+    daemon = daemon_factory(tmp_path / "bundle")
+    with Subscriber(broker.port, f"{PREFIX}/#") as sub:
+        assert replay(hazelnut_dir, daemon.endpoint, limit=2) == 2
+        assert {r.threshold for r in results_by_frame(sub, 2).values()} == {after["image"]}
 
 
 def test_a_recalibrated_bundle_copy_is_what_the_station_serves(bundles, datasets_dir, tmp_path, daemon_factory,
