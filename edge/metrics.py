@@ -4,7 +4,7 @@ from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, start_http_server
 
-from protocols.messages import ErrorKind, StationState
+from protocols.messages import ErrorKind, StationState, Verdict
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -23,6 +23,8 @@ class DaemonMetrics:
         self.camera_refusals = Counter("edge_camera_refusals", "Connections refused during ZeroMQ's handshake, "
                                        "before any message (reasons: edge/camera_auth.py)", ["reason"], registry=r)
         self.results = Counter("edge_results", "Verdicts handed to the outbox", ["verdict"], registry=r)
+        for verdict in get_args(Verdict):  # at 0 from the start: a dashboard sees "no fails yet", not "no data"
+            self.results.labels(verdict)
         self.errors = Counter("edge_errors", "Error reports handed to the outbox", ["kind"], registry=r)
         for kind in get_args(ErrorKind):
             self.errors.labels(kind)

@@ -85,6 +85,7 @@ class Region(_Message):
     max_score: float
 
 
+Verdict = Literal["pass", "fail"]
 # Why a verdict was forced to `fail`: the model's output could not be trusted (fail-safe).
 ResultFlag = Literal["non_finite_score", "non_finite_map"]
 
@@ -95,7 +96,7 @@ class Result(_Message):
     camera_id: str
     frame_id: str
     part_id: str | None
-    verdict: Literal["pass", "fail"]
+    verdict: Verdict
     score: float | None = Field(description="null when the model's score was not finite (the verdict is then fail)")
     threshold: float
     flags: list[ResultFlag] = Field(default_factory=list, description="why a verdict was forced to fail")
