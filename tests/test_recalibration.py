@@ -57,7 +57,11 @@ def test_a_recalibrated_bundle_copy_is_what_the_station_serves(bundles, datasets
 def test_calibrate_refuses_what_it_cannot_do_in_one_line(bundles, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / MANIFEST_NAME).write_text('{"version": 2}')
     cases = [
+        ([str(broken), str(empty), "--out", str(tmp_path / "new")], "manifest.json: model: Field required"),
         ([str(bundles[0]), str(empty)], "give --out for the recalibrated copy"),
         ([str(bundles[0]), str(empty), "--out", str(bundles[1])], "exists; not overwriting"),
         ([str(bundles[0]), str(empty), "--out", str(tmp_path / "new")], "no images"),

@@ -29,6 +29,13 @@ def load_run(run: Path) -> tuple[TrainConfig, DiffusionAD, dict]:
 
 
 @torch.no_grad()
+def score_in_batches(graph, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 NHWC images through a fused graph (module or exported program) → (maps, scores)."""
+    outputs = [graph(torch.from_numpy(chunk)) for chunk in np.array_split(images, -(-len(images) // batch_size))]
+    return torch.cat([m for m, _ in outputs]).numpy(), torch.cat([s for _, s in outputs]).numpy()
+
+
+@torch.no_grad()
 def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_samples: int = 8) -> dict:
     cfg, model, thresholds = load_run(run)
     folder = scan_mvtec(data_dir, require_test=True)
@@ -40,9 +47,7 @@ def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_s
     defects = [s.defect for s in folder.test]
 
     fused = model.fused(cfg.method).eval()
-    outputs = [fused(torch.from_numpy(chunk)) for chunk in np.array_split(images, -(-len(images) // batch_size))]
-    maps = torch.cat([m for m, _ in outputs]).numpy()
-    scores = torch.cat([s for _, s in outputs]).numpy()
+    maps, scores = score_in_batches(fused, images, batch_size)
 
     maps_256 = resize_for_metrics(maps, METRIC_SIZE)
     metrics = compute_metrics(labels, scores, masks, maps_256, defects)

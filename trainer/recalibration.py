@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from protocols.bundle import BUNDLE_VERSION, MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest, ThresholdSpec, sha256_file
 from trainer import run_dir as files
 from trainer.config import ConfigError
 from trainer.data.mvtec import DataError, is_image_file, read_rgb
-from trainer.evaluate import load_run
+from trainer.evaluate import load_run, score_in_batches
 from trainer.evaluation.calibration import Thresholds, calibrate
 
 BATCH = 8
@@ -40,20 +41,17 @@ def _images(folder: Path, size: int) -> np.ndarray:
 def _scorer(source: Path):
     """(image size, uint8 NHWC → (maps, scores)) for a run or a bundle, and the thresholds it ships."""
     if (source / MANIFEST_NAME).is_file():
-        manifest = Manifest.model_validate_json((source / MANIFEST_NAME).read_bytes())
+        manifest = _manifest(source)
         program = next((f for f in manifest.files if f.format == "torch.export"), None)
         if program is None:
             raise ConfigError(f"{source}: the bundle has no torch.export program to score images with")
-        module = torch.export.load(source / program.path).module()
+        try:
+            module = torch.export.load(source / program.path).module()
+        except Exception as err:  # torch raises many kinds for a file that is not a program
+            raise ConfigError(f"{source / program.path}: cannot be loaded ({type(err).__name__})") from None
         return manifest.input.height, module, Thresholds.from_dict(manifest.thresholds.model_dump())
     cfg, model, thresholds = load_run(source)
     return model.image_size, model.fused(cfg.method).eval(), Thresholds.from_dict(thresholds["false_reject_rate"])
-
-
-@torch.no_grad()
-def _score(module, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    outputs = [module(torch.from_numpy(chunk)) for chunk in np.array_split(images, -(-len(images) // BATCH))]
-    return torch.cat([m for m, _ in outputs]).numpy(), torch.cat([s for _, s in outputs]).numpy()
 
 
 def recalibrate(source: Path, good_dir: Path, defects_dir: Path | None, false_reject_rate: float,
@@ -67,11 +65,11 @@ def recalibrate(source: Path, good_dir: Path, defects_dir: Path | None, false_re
     if out is not None and out.exists():
         raise ConfigError(f"{out}: exists; not overwriting")
     size, module, before = _scorer(source)
-    good_maps, good_scores = _score(module, _images(good_dir, size))
+    good_maps, good_scores = score_in_batches(module, _images(good_dir, size), BATCH)
     after = calibrate("false_reject_rate", good_scores, good_maps, false_reject_rate=false_reject_rate)
     escapes = None
     if defects_dir is not None:
-        _, defect_scores = _score(module, _images(defects_dir, size))
+        _, defect_scores = score_in_batches(module, _images(defects_dir, size), BATCH)
         escapes = (float(np.mean(defect_scores < before.image)), float(np.mean(defect_scores < after.image)))
     if is_bundle:
         _write_bundle(source, out, after)
@@ -83,9 +81,17 @@ def recalibrate(source: Path, good_dir: Path, defects_dir: Path | None, false_re
     return Recalibration(before, after, float(np.mean(good_scores >= before.image)), escapes)
 
 
+def _manifest(bundle: Path) -> Manifest:
+    try:
+        return Manifest.model_validate_json((bundle / MANIFEST_NAME).read_bytes())
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"{bundle / MANIFEST_NAME}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
 def _write_bundle(source: Path, out: Path, thresholds: Thresholds) -> None:
     """A copy of the bundle with the new thresholds, its digest last; unsigned (`trainer sign`)."""
-    manifest = Manifest.model_validate_json((source / MANIFEST_NAME).read_bytes())
+    manifest = _manifest(source)
     updated = manifest.model_copy(update={"thresholds": ThresholdSpec.model_validate(thresholds.to_dict()),
                                           "version": BUNDLE_VERSION})
     staging = out.with_name(f".{out.name}.partial")

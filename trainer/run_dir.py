@@ -31,8 +31,12 @@ def _atomic_replace(path: Path, write) -> None:
         raise
 
 
+def write_text(path: Path, text: str) -> None:
+    _atomic_replace(path, lambda tmp: tmp.write_text(text))
+
+
 def write_json(path: Path, obj: object) -> None:
-    _atomic_replace(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def read_json(path: Path) -> dict:

@@ -6,20 +6,14 @@ so a signature never covers files that are not what the manifest says. It then w
 changes, so by the time it changes the matching signature is already in place."""
 
 import hashlib
-import os
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest, sha256_file
 from protocols.signing import SIGNATURE_NAME, BundleSignature, load_private_key, sign_digest
+from trainer import run_dir as files
 from trainer.config import ConfigError
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def sign_bundle(bundle: Path, key_file: Path) -> BundleSignature:
@@ -41,6 +35,6 @@ def sign_bundle(bundle: Path, key_file: Path) -> BundleSignature:
             raise ConfigError(f"{path}: sha256 does not match the manifest; not signing")
     digest = hashlib.sha256(manifest_bytes).hexdigest()
     signature = sign_digest(digest, load_private_key(key_file))
-    _write_atomically(bundle / SIGNATURE_NAME, signature.model_dump_json(indent=2) + "\n")
-    _write_atomically(bundle / MANIFEST_DIGEST_NAME, digest + "\n")
+    files.write_text(bundle / SIGNATURE_NAME, signature.model_dump_json(indent=2) + "\n")
+    files.write_text(bundle / MANIFEST_DIGEST_NAME, digest + "\n")
     return signature
