@@ -59,7 +59,7 @@ class Subscriber:
     `with Subscriber(port, "inspection/#") as sub: sub.wait_for("inspection/s/status", 1)`.
     """
 
-    def __init__(self, port: int, topic_filter: str, session_expiry_s: int = 60, tls: TlsSettings | None = None,
+    def __init__(self, port: int, topic_filter: str, session_expiry_s: int = 900, tls: TlsSettings | None = None,
                  username: str | None = None, password: str | None = None) -> None:
         self.port = port
         self._filter = topic_filter

@@ -93,10 +93,16 @@ def answers(subscriber: Subscriber) -> dict[str, list[Result | ErrorReport]]:
     return by_frame
 
 
-def wait_for_answers(subscriber: Subscriber, frame_ids: set[str], timeout_s: float = 120) -> dict[str, list]:
+def wait_for_answers(subscriber: Subscriber, frame_ids: set[str], timeout_s: float = 120,
+                     daemon: DaemonProcess | None = None) -> dict[str, list]:
+    """Every answer once each of `frame_ids` has one; on timeout the AssertionError carries the
+    daemon's log tail when `daemon` is given (a CI failure must say why)."""
     deadline = time.monotonic() + timeout_s
     while not frame_ids <= set(got := answers(subscriber)):
-        assert time.monotonic() < deadline, f"no answer for {sorted(frame_ids - set(got))[:20]}"
+        if time.monotonic() >= deadline:
+            missing = sorted(frame_ids - set(got))
+            where = "" if daemon is None else f"\ndaemon exit code {daemon.process.poll()}; its log:\n{daemon.log()}"
+            raise AssertionError(f"no answer for {len(missing)} frames {missing[:20]} within {timeout_s} s{where}")
         time.sleep(0.2)
     return got
 

@@ -93,7 +93,7 @@ def test_fuzz_10000_hostile_messages_then_valid_frames_all_answered_within_a_mem
         with FramePublisher(daemon.endpoint, context=context) as camera:
             for i, image in enumerate(real_frames(hazelnut_dir, 20)):
                 camera.send_image(image, f"valid{i:02d}", timeout_ms=60_000)
-            got = wait_for_answers(sub, {f"valid{i:02d}" for i in range(20)}, 120)
+            got = wait_for_answers(sub, {f"valid{i:02d}" for i in range(20)}, 120, daemon)
         oversize.close(linger=0)
     push.close(linger=60_000)  # what the valid frames overtook still goes out: term() waits for it
     context.term()
@@ -134,7 +134,7 @@ def test_a_backend_that_raises_answers_every_frame_degrades_reloads_and_isolates
         sub.wait_until(f"{PREFIX}/status", lambda ms: states(sub)[-1] == "online", 60)  # reloaded
         mixed = [(f"x{i}", WHITE if i % 3 == 0 else normal[i]) for i in range(12)]
         send(daemon.endpoint, mixed)
-        got = wait_for_answers(sub, {f"w{i}" for i in range(10)} | {f"x{i}" for i in range(12)}, 60)
+        got = wait_for_answers(sub, {f"w{i}" for i in range(10)} | {f"x{i}" for i in range(12)}, 60, daemon)
     sha = (faulty["raise-on-white"] / "manifest.sha256").read_text().strip()
     for frame_id, answer in got.items():
         assert len(answer) == 1, f"{frame_id}: exactly one answer, got {answer}"
@@ -152,7 +152,7 @@ def test_non_finite_outputs_are_fail_verdicts_with_flags(faulty, hazelnut_dir, d
     daemon = daemon_factory(faulty["nan-on-white"], max_batch=2)
     with Subscriber(broker.port, f"{PREFIX}/#") as sub:
         send(daemon.endpoint, [("white", WHITE), *((f"n{i}", im) for i, im in enumerate(real_frames(hazelnut_dir, 3)))])
-        got = wait_for_answers(sub, {"white", "n0", "n1", "n2"}, 60)
+        got = wait_for_answers(sub, {"white", "n0", "n1", "n2"}, 60, daemon)
     white = got["white"][0]
     assert white.verdict == "fail" and white.score is None
     assert set(white.flags) == {"non_finite_score", "non_finite_map"}
@@ -232,7 +232,7 @@ def test_outbox_quota_with_the_broker_away_discards_the_oldest_and_reports_it(
         assert metric(daemon, "edge_outbox_evicted") > 0
         broker.start()
         reports = sub.wait_until(f"{PREFIX}/error", lambda ms: any(b"outbox quota reached" in m.payload for m in ms), 60)
-        got = wait_for_answers(sub, {"000059"}, 60)
+        got = wait_for_answers(sub, {"000059"}, 60, daemon)
     assert isinstance(got["000059"][0], Result), "the newest verdicts are kept"
     report = next(ErrorReport.model_validate_json(m.payload) for m in reports if b"outbox quota" in m.payload)
     assert report.kind == "station"
@@ -258,7 +258,10 @@ def test_a_full_outbox_disk_degrades_without_a_crash_and_recovers(bundles, hazel
             subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
             sender.join(120)
             broker.start()
-            got = wait_for_answers(sub, {frame_id for frame_id, _ in frames}, 120)
+            try:
+                got = wait_for_answers(sub, {frame_id for frame_id, _ in frames}, 120, daemon)
+            except AssertionError as err:
+                raise AssertionError(f"{err}\nbroker log:\n{broker.log()}") from None
         assert all(len(a) == 1 for a in got.values())
         assert daemon.process.poll() is None
     finally:
@@ -294,7 +297,7 @@ def test_reload_of_a_bundle_failing_warm_up_under_load_keeps_serving_and_a_cp_p_
                        == new_sha, 60)
         assert sender.is_alive(), "both reloads must happen under load"
         sender.join(120)
-        got = wait_for_answers(sub, {f"{i:06d}" for i in range(frames)}, 120)
+        got = wait_for_answers(sub, {f"{i:06d}" for i in range(frames)}, 120, daemon)
     assert all(len(a) == 1 and isinstance(a[0], Result) for a in got.values())
     shas = [got[f"{i:06d}"][0].model.sha256 for i in range(frames)]
     assert shas[-1] == new_sha and len(set(shas)) == 2, "only the good bundle ever served"
@@ -319,7 +322,7 @@ def test_broker_restart_and_sigkill_mid_stream_every_accepted_frame_is_answered(
         journal = {row[0] for row in daemon.table("SELECT frame_id FROM accepted")}
         assert journal, "frames were accepted and not yet answered when the daemon died"
         daemon_factory(bundles[0], workdir=tmp_path, max_batch=16, max_wait_ms=2000.0)
-        got = wait_for_answers(sub, {f"{i:06d}" for i in range(24)}, 90)
+        got = wait_for_answers(sub, {f"{i:06d}" for i in range(24)}, 90, daemon)
     assert all(len(a) == 1 for a in got.values()), "one answer per frame (de-duplicated on answer ids)"
     for frame_id in journal:
         assert isinstance(got[frame_id][0], ErrorReport) and "crash or power loss" in got[frame_id][0].reason
