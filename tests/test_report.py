@@ -12,9 +12,9 @@ def samples(count: int, size: int = 32):
     images = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
     masks = np.zeros((count, size, size), bool)
     masks[:, 8:16, 8:16] = True
-    maps = rng.random((count, size, size))
+    maps, radar_maps = rng.random((count, size, size)), rng.random((count, size, size))
     titles = [f"crack/{i:03d}.png  score {i / 10:.3f}" for i in range(count)]
-    return images, images[:, ::-1], maps, masks, titles
+    return images, images[:, ::-1], maps, radar_maps, masks, titles
 
 
 def test_sample_grid_has_one_row_per_sample(tmp_path):
@@ -24,22 +24,25 @@ def test_sample_grid_has_one_row_per_sample(tmp_path):
     assert one is not None and three is not None
     assert three.shape[1] == one.shape[1]
     assert abs(three.shape[0] / one.shape[0] - 3) < 0.1
-    assert one.shape[1] > 3 * one.shape[0]  # four panels side by side in a row
+    assert one.shape[1] > 4 * one.shape[0]  # five panels side by side in a row
 
 
-def test_anomaly_maps_share_a_fixed_colour_scale(tmp_path):
-    images, reconstructions, _, masks, _ = samples(2)
-    # each map is constant, so a per-image colour scale would paint both alike
+def test_anomaly_maps_of_both_heads_share_a_fixed_colour_scale(tmp_path):
+    images, reconstructions, _, _, masks, _ = samples(2)
+    # each map is constant, so a per-image colour scale would paint both rows alike
     maps = np.stack([np.full((32, 32), 0.0), np.full((32, 32), 1.0)])
-    write_sample_grid(tmp_path / "grid.png", images, reconstructions, maps, masks, ["low", "high"])
-    grid = cv2.imread(str(tmp_path / "grid.png"))
-    height, width = grid.shape[:2]
-    # the heat map is the third of four panels; sample its centre in each row (BGR)
-    x = int(width * 0.6)
-    low = grid[int(height * 0.3), x].astype(int)
-    high = grid[int(height * 0.8), x].astype(int)
-    assert low[0] > low[2] + 50  # blue: 0
-    assert high[2] > high[0] + 50  # red: 1
+    write_sample_grid(tmp_path / "grid.png", images, reconstructions, maps, maps, masks, ["low", "high"])
+    grid = cv2.imread(str(tmp_path / "grid.png")).astype(int)  # BGR
+    rows = grid[: len(grid) // 2], grid[len(grid) // 2:]
+
+    def jet_pixels(row: np.ndarray, channel: int) -> int:
+        """Pixels of the jet colour map's dark end: only `channel` (0 blue at 0, 2 red at 1) lit."""
+        others = [c for c in range(3) if c != channel]
+        return int(((row[..., channel] > 100) & (row[..., others] < 40).all(axis=-1)).sum())
+
+    low, high = rows
+    assert jet_pixels(low, 0) > 10 * max(1, jet_pixels(high, 0))  # both heat maps blue where 0
+    assert jet_pixels(high, 2) > 10 * max(1, jet_pixels(low, 2))  # and red where 1
 
 
 def test_curves_are_written_at_both_levels(tmp_path, monkeypatch):

@@ -123,6 +123,13 @@ def test_eval_writes_metrics_and_report(tmp_path, datasets_dir, fast_config, cap
         assert 0 <= metrics[key] <= 1, key
     assert set(metrics["per_defect"]) == {"colour"}
     assert metrics["run"]["images"] == 23
+    radar = metrics["radar"]  # the second head, on the same images, at its own shipped threshold
+    for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max"):
+        assert 0 <= radar[key] <= 1, key
+    assert sum(radar["verdicts"]["counts"].values()) == 23
+    assert radar["verdicts"]["image_threshold"] == json.loads((run / "radar.json").read_text())[
+        "thresholds"]["false_reject_rate"]["image"]
+    assert (report / "radar_score_histogram.png").is_file()
     assert (report / "samples.png").stat().st_size > 10_000
     assert len(list(report.glob("*.png"))) >= 6
 

@@ -93,6 +93,14 @@ def run_fit(args: argparse.Namespace) -> None:
         print(f"best validation at step {result['step']}: image AUROC {result['image_auroc']:.4f}, "
               f"pixel AP {result['pixel_ap']:.4f}; run in {args.out}")
         print_thresholds(result["thresholds"]["false_reject_rate"])
+        print_radar(result["radar"])
+
+
+def print_radar(radar: dict) -> None:
+    constants, chosen = radar["constants"], radar["validation"]
+    print(f"RADAR head: t {constants['t']}, {constants['discrepancy']} discrepancy; validation image AUROC "
+          f"{chosen['image_auroc']:.4f}, pixel AP {chosen['pixel_ap']:.4f}")
+    print_thresholds(radar["thresholds"]["false_reject_rate"], "RADAR thresholds")
 
 
 def print_thresholds(calibrated: dict, label: str = "thresholds") -> None:
@@ -113,9 +121,12 @@ def run_eval(args: argparse.Namespace) -> None:
 
     out = args.out or args.run_dir / "eval"
     m = evaluate(args.run_dir, args.data_dir, out)
-    print(f"image AUROC {m['image_auroc']:.4f}  pixel AUROC {m['pixel_auroc']:.4f}  AUPRO {m['aupro']:.4f}  "
-          f"pixel AP {m['pixel_ap']:.4f}  image F1max {m['image_f1_max']:.4f}  → {out / 'metrics.json'}")
-    print(verdict_line(m["verdicts"]))
+    for head, figures in (("norm-guided", m), ("RADAR", m["radar"])):
+        print(f"{head}: image AUROC {figures['image_auroc']:.4f}  pixel AUROC {figures['pixel_auroc']:.4f}  "
+              f"AUPRO {figures['aupro']:.4f}  pixel AP {figures['pixel_ap']:.4f}  "
+              f"image F1max {figures['image_f1_max']:.4f}")
+        print(f"  {verdict_line(figures['verdicts'])}")
+    print(f"→ {out / 'metrics.json'}")
 
 
 def run_export(args: argparse.Namespace) -> None:

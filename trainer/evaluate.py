@@ -13,6 +13,8 @@ from trainer.evaluation.report import write_curves, write_sample_grid, write_sco
 from trainer.fused import uint8_nhwc_to_unit_range
 from trainer.model import DiffusionAD
 from trainer.profiles import get_profile
+from trainer.radar import RadarInference
+from trainer.radar_fit import fit_radar, load_radar
 
 METRIC_SIZE = 256  # the field reports metrics at 256²
 
@@ -35,9 +37,43 @@ def score_in_batches(graph, images: np.ndarray, batch_size: int) -> tuple[np.nda
     return torch.cat([m for m, _ in outputs]).numpy(), torch.cat([s for _, s in outputs]).numpy()
 
 
+def radar_record(run: Path, cfg: TrainConfig, model: DiffusionAD) -> dict:
+    """The run's RADAR head; a run trained before the head existed gets it fitted now, from its own
+    held-out images (the seeded split, checked against the names config.json recorded)."""
+    path = run / files.RADAR
+    if path.is_file():
+        return files.read_json(path)
+    from trainer.training import prepare_data
+
+    recorded = files.read_json(run / files.CONFIG)["data"]
+    data = prepare_data(Path(recorded["path"]), cfg)
+    if [p.name for p in data.split.calibration] != recorded.get("calibration_images"):
+        raise ConfigError(f"{run}: the training data changed since the run (its calibration split differs); "
+                          "cannot fit the RADAR head on the run's held-out images")
+    print(f"{run}: fitting the RADAR head on the run's held-out images (trained before the head existed)")
+    record = fit_radar(model, cfg.method, data.validation, data.calibration, cfg.false_reject_rate,
+                       torch.device("cpu"))
+    files.write_json(path, record)
+    return record
+
+
+def head_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray,
+                 defects: list[str], thresholds: dict) -> dict:
+    """The field's metrics and, at the head's shipped threshold, the station's verdict figures."""
+    metrics = compute_metrics(labels, scores, masks, resize_for_metrics(maps, METRIC_SIZE), defects)
+    policy = thresholds["default"]
+    image_threshold = thresholds[policy]["image"]
+    metrics["verdicts"] = {"policy": policy, "image_threshold": image_threshold,
+                           **verdict_metrics(labels, scores >= image_threshold, defects)}
+    return metrics
+
+
 @torch.no_grad()
 def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_samples: int = 8) -> dict:
+    """Both heads on the test set: the norm-guided head's figures at the top level of the result
+    (and of metrics.json), the RADAR head's under "radar"."""
     cfg, model, thresholds = load_run(run)
+    radar = radar_record(run, cfg, model)
     folder = scan_mvtec(data_dir, require_test=True)
     size = model.image_size
     images = np.stack([read_rgb(s.image, size) for s in folder.test])
@@ -48,14 +84,14 @@ def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_s
 
     fused = model.fused(cfg.method).eval()
     maps, scores = score_in_batches(fused, images, batch_size)
+    constants, one_class = load_radar(radar)
+    radar_maps, radar_features = score_in_batches(RadarInference(model.denoiser, cfg.method, size, constants),
+                                                  images, batch_size)
+    radar_scores = one_class.score(radar_features)
 
-    maps_256 = resize_for_metrics(maps, METRIC_SIZE)
-    metrics = compute_metrics(labels, scores, masks, maps_256, defects)
-    policy = thresholds["default"]
-    image_threshold = thresholds[policy]["image"]
-    # what the station would have said with the thresholds that ship in the bundle
-    metrics["verdicts"] = {"policy": policy, "image_threshold": image_threshold,
-                           **verdict_metrics(labels, scores >= image_threshold, defects)}
+    metrics = head_metrics(labels, scores, masks, maps, defects, thresholds)
+    metrics["radar"] = {**head_metrics(labels, radar_scores, masks, radar_maps, defects, radar["thresholds"]),
+                        "constants": constants.model_dump()}
     metrics["run"] = {"profile": cfg.profile, "data": str(data_dir.resolve()), "images": len(images)}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -63,9 +99,11 @@ def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_s
     x0 = uint8_nhwc_to_unit_range(torch.from_numpy(images[picks]))
     recon = ((fused.reconstruct(x0) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     mask_small = resize_for_metrics(masks[picks], size)
-    titles = [f"{folder.test[i].defect}/{folder.test[i].image.name}  score {scores[i]:.3f}" for i in picks]
-    write_sample_grid(out / "samples.png", images[picks], recon, maps[picks], mask_small, titles)
-    write_curves(out, labels, scores, masks, maps_256)
+    titles = [f"{folder.test[i].defect}/{folder.test[i].image.name}  score {scores[i]:.3f}  "
+              f"RADAR {radar_scores[i]:.3f}" for i in picks]
+    write_sample_grid(out / "samples.png", images[picks], recon, maps[picks], radar_maps[picks], mask_small, titles)
+    write_curves(out, labels, scores, masks, resize_for_metrics(maps, METRIC_SIZE))
     write_score_histogram(out / "score_histogram.png", labels, scores, metrics["verdicts"])
+    write_score_histogram(out / "radar_score_histogram.png", labels, radar_scores, metrics["radar"]["verdicts"])
     files.write_json(out / "metrics.json", metrics)
     return metrics

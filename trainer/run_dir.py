@@ -15,6 +15,7 @@ WEIGHTS = "model.safetensors"   # the selected (best on validation) weights
 CHECKPOINT = "checkpoint.pt"    # resumable state: weights, optimiser, step, RNG
 THRESHOLDS = "thresholds.json"  # calibrated on the validation split
 VALIDATION = "validation.json"  # validation figures of the selected weights
+RADAR = "radar.json"            # the RADAR head: constants, one-class model, thresholds
 LOG = "train_log.jsonl"         # one JSON line per logged step / validation
 
 

@@ -26,6 +26,7 @@ from trainer.data.training_set import TrainingPairs, ValidationSet
 from trainer.model import DiffusionAD
 from trainer.objective import JointObjective, draw_step_randomness, lr_factor
 from trainer.profiles import get_profile
+from trainer.radar_fit import fit_radar
 from trainer.validation import calibrate_run, validate
 
 
@@ -307,7 +308,8 @@ class TrainingSession:
         bar.close()
 
     def finish(self) -> dict:
-        """Reload the selected weights and calibrate thresholds on the calibration split."""
+        """Reload the selected weights, calibrate thresholds on the calibration split and fit the
+        RADAR head on the same denoiser."""
         if not self.ddp.is_main:
             return self.best
         files.load_weights(self.run / files.WEIGHTS, self.model)
@@ -315,4 +317,7 @@ class TrainingSession:
                                    self.ddp.device)
         files.write_json(self.run / files.THRESHOLDS, thresholds)
         files.write_json(self.run / files.VALIDATION, self.best)
-        return {**self.best, "thresholds": thresholds}
+        radar = fit_radar(self.model, self.cfg.method, self.data.validation, self.data.calibration,
+                          self.cfg.false_reject_rate, self.ddp.device)
+        files.write_json(self.run / files.RADAR, radar)
+        return {**self.best, "thresholds": thresholds, "radar": radar}

@@ -17,32 +17,34 @@ from trainer.evaluation.metrics import (image_ap, image_auroc, pixel_ap, pixel_a
 
 DPI = 100
 PLOTTED_PIXELS = 1_000_000  # a curve through more pixels looks the same and only slows plotting
-COLUMNS = ("input", "norm-guided reconstruction", "anomaly map", "ground truth")
+COLUMNS = ("input", "norm-guided reconstruction", "norm-guided map", "RADAR map", "ground truth")
 UNIT_SQUARE = {"xlim": (0, 1), "ylim": (0, 1.02), "aspect": "equal"}  # axes of a ROC or PR curve
 HISTOGRAM_BINS = 30
 
 
 def write_sample_grid(path: Path, images: np.ndarray, reconstructions: np.ndarray, maps: np.ndarray,
-                      masks: np.ndarray, titles: Sequence[str]) -> None:
-    """One row per sample: input | reconstruction | anomaly map (0..1 heat map) | ground truth.
+                      radar_maps: np.ndarray, masks: np.ndarray, titles: Sequence[str]) -> None:
+    """One row per sample: input | reconstruction | norm-guided map | RADAR map (0..1 heat maps) |
+    ground truth.
 
-    images and reconstructions uint8 [N,H,W,3], maps float [N,H,W] in [0, 1], masks bool [N,H,W],
-    titles [N] (e.g. file, defect and score).
+    images and reconstructions uint8 [N,H,W,3], maps and radar_maps float [N,H,W] in [0, 1], masks
+    bool [N,H,W], titles [N] (e.g. file, defect and scores).
     """
     count = len(images)
     if count == 0:
         raise ValueError("no samples to draw")
-    if not len(reconstructions) == len(maps) == len(masks) == len(titles) == count:
-        raise ValueError(f"need one reconstruction, map, mask and title per image ({count} images)")
-    fig = plt.figure(figsize=(2.4 * len(COLUMNS) + 0.6, 2.75 * count), dpi=DPI, layout="constrained")
+    if not len(reconstructions) == len(maps) == len(radar_maps) == len(masks) == len(titles) == count:
+        raise ValueError(f"need one reconstruction, map of each head, mask and title per image ({count} images)")
+    fig = plt.figure(figsize=(2.4 * len(COLUMNS) + 1.2, 2.75 * count), dpi=DPI, layout="constrained")
     for index, row in enumerate(fig.subfigures(count, 1, squeeze=False)[:, 0]):
         row.suptitle(titles[index], fontsize=10)
         axes = row.subplots(1, len(COLUMNS))
         axes[0].imshow(images[index])
         axes[1].imshow(reconstructions[index])
-        heat = axes[2].imshow(maps[index], cmap="jet", vmin=0.0, vmax=1.0)
-        axes[3].imshow(masks[index], cmap="gray", vmin=0, vmax=1)
-        row.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.02)
+        for ax, heat_map in ((axes[2], maps[index]), (axes[3], radar_maps[index])):
+            heat = ax.imshow(heat_map, cmap="jet", vmin=0.0, vmax=1.0)
+            row.colorbar(heat, ax=ax, fraction=0.046, pad=0.02)
+        axes[4].imshow(masks[index], cmap="gray", vmin=0, vmax=1)
         for ax, name in zip(axes, COLUMNS):
             ax.set_title(name, fontsize=8)
             ax.set_axis_off()

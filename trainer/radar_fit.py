@@ -1,0 +1,98 @@
+"""Fitting the RADAR head to a trained denoiser, from the run's held-out good images only.
+
+The selection split (its good images and their synthetic defects) chooses t_radar and the
+discrepancy, and the one-class model is fitted on its good images' features; the calibration
+split sets the thresholds, as for the norm-guided head. Nothing here sees a test image.
+"""
+
+import numpy as np
+import torch
+
+from protocols.one_class import KnnNormalModel, fit_knn
+from trainer.data.training_set import ValidationSet
+from trainer.evaluation.calibration import calibrate
+from trainer.evaluation.metrics import image_auroc, pixel_ap
+from trainer.fused import uint8_nhwc_to_unit_range
+from trainer.method import MethodConfig
+from trainer.model import DiffusionAD
+from trainer.radar import DISCREPANCIES, T_CANDIDATES, RadarConstants, RadarInference, feature_window, image_features
+
+BATCH = 16
+
+
+@torch.no_grad()
+def responses(head: RadarInference, images: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """Edge responses [N, H, W] of images in [-1, 1] for every discrepancy, one denoiser pass each."""
+    chunks = [{name: head.edge_response(d).cpu() for name, d in head.discrepancies(chunk.to(device)).items()}
+              for chunk in images.split(BATCH)]
+    return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+
+
+def _candidate(normal: torch.Tensor, anomalous: torch.Tensor, masks: np.ndarray, window: int) -> dict:
+    """Image AUROC of the one-class scores (good images scored leave-one-out) and pixel AP of the
+    responses, normal vs synthetic; selection = their mean, as for the norm-guided head."""
+    knn, own = fit_knn(image_features(normal, window).numpy())
+    scores = np.r_[own, knn.score(image_features(anomalous, window).numpy())]
+    labels = np.r_[np.zeros(len(normal), bool), np.ones(len(anomalous), bool)]
+    maps = torch.cat([normal, anomalous]).numpy()
+    pixel_labels = np.concatenate([np.zeros(normal.shape, bool), masks])
+    i_auroc, p_ap = image_auroc(labels, scores), pixel_ap(pixel_labels, maps)
+    return {"image_auroc": float(i_auroc), "pixel_ap": float(p_ap), "selection": float((i_auroc + p_ap) / 2)}
+
+
+def choose_constants(model: DiffusionAD, method: MethodConfig, val: ValidationSet,
+                     device: torch.device) -> tuple[RadarConstants, list[dict]]:
+    """t_radar and the discrepancy with the best selection figure; every candidate's figures."""
+    size, window = model.image_size, feature_window(model.image_size)
+    masks = val.masks[:, 0].numpy() > 0.5
+    candidates = []
+    for t in (t for t in T_CANDIDATES if t < method.tau):
+        head = RadarInference(model.denoiser, method, size, RadarConstants(
+            t=t, discrepancy="residual", window=window, map_scale=1.0)).to(device)
+        normal, anomalous = responses(head, val.normal, device), responses(head, val.anomalous, device)
+        for name in DISCREPANCIES:
+            candidates.append({"t": t, "discrepancy": name,
+                               **_candidate(normal[name], anomalous[name], masks, window)})
+    best = max(candidates, key=lambda c: c["selection"])
+    # Scale: a good image's typical highest response maps to 0.5.
+    head = RadarInference(model.denoiser, method, size, RadarConstants(
+        t=best["t"], discrepancy=best["discrepancy"], window=window, map_scale=1.0)).to(device)
+    highest = responses(head, val.normal, device)[best["discrepancy"]].flatten(1).amax(dim=1)
+    scale = max(float(highest.median()), 1e-6)
+    return RadarConstants(t=best["t"], discrepancy=best["discrepancy"], window=window, map_scale=scale), candidates
+
+
+@torch.no_grad()
+def radar_outputs(head: RadarInference, images: torch.Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Images in [-1, 1] → (anomaly maps [N, H, W], features [N, 2])."""
+    outputs = [head.score(chunk.to(device)) for chunk in images.split(BATCH)]
+    return (torch.cat([m.cpu() for m, _ in outputs]).numpy(), torch.cat([f.cpu() for _, f in outputs]).numpy())
+
+
+def fit_radar(model: DiffusionAD, method: MethodConfig, val: ValidationSet, calibration: np.ndarray,
+              false_reject_rate: float, device: torch.device) -> dict:
+    """The run's RADAR head: constants, one-class model and thresholds, with how they were chosen.
+    `calibration` is uint8 NHWC good images the model was neither trained nor selected on."""
+    was_training = model.training
+    model.eval()
+    constants, candidates = choose_constants(model, method, val, device)
+    head = RadarInference(model.denoiser, method, model.image_size, constants).to(device)
+    _, normal_features = radar_outputs(head, val.normal, device)
+    knn, _ = fit_knn(normal_features)
+    calibration_maps, calibration_features = radar_outputs(
+        head, uint8_nhwc_to_unit_range(torch.from_numpy(calibration)), device)
+    anomalous_maps, anomalous_features = radar_outputs(head, val.anomalous, device)
+    by_rate = calibrate("false_reject_rate", knn.score(calibration_features), calibration_maps,
+                        false_reject_rate=false_reject_rate)
+    by_f1 = calibrate("max_f1", knn.score(calibration_features), calibration_maps, knn.score(anomalous_features),
+                      anomalous_maps, val.masks[:, 0].numpy() > 0.5)
+    model.train(was_training)
+    chosen = next(c for c in candidates if (c["t"], c["discrepancy"]) == (constants.t, constants.discrepancy))
+    return {"constants": constants.model_dump(), "one_class": knn.model_dump(),
+            "thresholds": {"default": "false_reject_rate", "false_reject_rate": by_rate.to_dict(),
+                           "max_f1": by_f1.to_dict()},
+            "validation": chosen, "candidates": candidates}
+
+
+def load_radar(record: dict) -> tuple[RadarConstants, KnnNormalModel]:
+    return RadarConstants.model_validate(record["constants"]), KnnNormalModel.model_validate(record["one_class"])
