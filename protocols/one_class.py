@@ -3,7 +3,7 @@
 A k-nearest-neighbour distance in standardised log-feature space, in numpy only, so a station
 computes it from the parameters in the bundle without scikit-learn. (RADAR uses a Local Outlier
 Factor; the k-NN distance is the same idea without LOF's density ratio, which needs more good
-images than a calibration split has to be stable.) The score is squashed to [0, 1) by the good
+images than the selection split it is fitted on has to be stable.) The score is squashed to [0, 1) by the good
 parts' own typical distance, so the product's threshold estimators apply to it unchanged:
 logit(score) = log(distance / scale).
 """

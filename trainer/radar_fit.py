@@ -45,8 +45,12 @@ def choose_constants(model: DiffusionAD, method: MethodConfig, val: ValidationSe
     """t_radar and the discrepancy with the best selection figure; every candidate's figures."""
     size, window = model.image_size, feature_window(model.image_size)
     masks = val.masks[:, 0].numpy() > 0.5
+    scales = [t for t in T_CANDIDATES if t < method.tau]
+    if not scales:
+        raise ValueError(f"tau = {method.tau} leaves no RADAR noise scale: the candidates {T_CANDIDATES} must lie "
+                         "in the small-noise range [0, tau) the denoiser was trained on")
     candidates = []
-    for t in (t for t in T_CANDIDATES if t < method.tau):
+    for t in scales:
         head = RadarInference(model.denoiser, method, size, RadarConstants(
             t=t, discrepancy="residual", window=window, map_scale=1.0)).to(device)
         normal, anomalous = responses(head, val.normal, device), responses(head, val.anomalous, device)
