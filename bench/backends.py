@@ -18,7 +18,7 @@ from machine import sgemm_peak_gflops
 from model_cost import gflop_per_image
 from timing import images_per_second, random_images
 from trainer.export.aoti import compile_aoti_package
-from trainer.export.program import export_fused
+from trainer.export.program import export_head
 from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
 from trainer.profiles import PROFILES
@@ -45,7 +45,7 @@ def main() -> None:
         torch.manual_seed(0)
         fused = DiffusionAD(profile).eval().fused(MethodConfig()).eval()
         gflop = gflop_per_image(fused, size)
-        program = export_fused(fused, size, max(BATCHES))
+        program = export_head(fused, size, max(BATCHES))
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             package = compile_aoti_package(program, Path(tmp) / "model.cpu.pt2")

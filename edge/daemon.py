@@ -41,7 +41,7 @@ from edge.frames import Frame, FrameIdGaps, decode_message, to_model_input
 from edge.metrics import DaemonMetrics
 from edge.mqtt.link import MqttLink
 from edge.mqtt.outbox import Outbox
-from edge.postprocess import find_regions, mask_png_base64, upscale_map
+from edge.postprocess import fail_region_threshold, find_regions, mask_png_base64, upscale_map
 from edge.runtime.loader import BackgroundLoad, LoadedModel
 from edge.settings import Settings
 from edge.systemd import SystemdNotifier
@@ -143,7 +143,7 @@ class Daemon:
                 raise StartupError(f"cannot serve metrics on 127.0.0.1:{settings.metrics_port} "
                                    f"(metrics_port): {err}") from None
         self.model: LoadedModel = BackgroundLoad(settings.bundle, settings.inference.backend,
-                                                 settings.trusted_keys_dir).result()
+                                                 settings.trusted_keys_dir, settings.inference.head).result()
         self._model_lock = threading.Lock()
         self.metrics.outbox_depth.set_function(lambda: len(self.outbox))
         self.metrics.outbox_bytes.set_function(lambda: self.outbox.bytes)
@@ -180,7 +180,7 @@ class Daemon:
     def model_ref(self, model: LoadedModel | None = None) -> ModelRef:
         model = model or self.model
         return ModelRef(name=model.bundle.manifest.model.name, version=model.bundle.manifest.model.version,
-                        sha256=model.bundle.manifest_sha256)
+                        sha256=model.bundle.manifest_sha256, head=model.head.name)
 
     def status(self) -> Status:
         with self._state_lock:
@@ -252,7 +252,7 @@ class Daemon:
         for thread in self._threads:
             thread.start()
         self.notifier.ready(f"serving {self.model_ref().name} {self.model_ref().version} "
-                            f"on {self.model.backend.key}")
+                            f"({self.model.head.name} head) on {self.model.backend.key}")
         self.log.info("ready", model=self.model_ref().model_dump(), backend=self.model.backend.key,
                       signed_by=self.model.bundle.signer,
                       images_per_second={size: round(rate, 2) for size, rate in self.model.batch_rates.items()},
@@ -314,7 +314,7 @@ class Daemon:
                 self._reload.clear()
                 self.log.info("reload_started", bundle=str(self.settings.bundle))
                 self._loading = BackgroundLoad(self.settings.bundle, self.settings.inference.backend,
-                                               self.settings.trusted_keys_dir)
+                                               self.settings.trusted_keys_dir, self.settings.inference.head)
             return
         if not self._loading.done():
             return
@@ -637,7 +637,7 @@ class Daemon:
 
     def _result(self, queued: QueuedFrame, outcome: Outcome, inferred: InferredBatch, ref: ModelRef) -> Result:
         cfg = self.settings.inference
-        thresholds = inferred.model.bundle.manifest.thresholds
+        thresholds = inferred.model.head.thresholds
         image_threshold = thresholds.image if cfg.image_threshold is None else cfg.image_threshold
         pixel_threshold = thresholds.pixel if cfg.pixel_threshold is None else cfg.pixel_threshold
         frame, header = queued.frame, queued.frame.header
@@ -647,11 +647,10 @@ class Daemon:
         if verdict == "fail" or self.settings.result.regions_on_pass:
             # Fail-safe: a pixel the model gave no finite value for counts as defective.
             anomaly_map = np.nan_to_num(outcome.anomaly_map, nan=1.0, posinf=1.0, neginf=1.0)
-            # A fail always shows where: its score is a mean of its highest pixels, so some reach the
-            # image threshold even where none reaches the (higher) pixel threshold.
-            region_threshold = min(pixel_threshold, image_threshold) if verdict == "fail" else pixel_threshold
-            mask, regions = find_regions(upscale_map(anomaly_map, header.height, header.width), region_threshold,
-                                         cfg.min_region_px)
+            frame_map = upscale_map(anomaly_map, header.height, header.width)
+            region_threshold = pixel_threshold if verdict == "pass" else fail_region_threshold(
+                pixel_threshold, image_threshold, frame_map, inferred.model.head.name == "norm-guided")
+            mask, regions = find_regions(frame_map, region_threshold, cfg.min_region_px)
             encoded_mask = mask_png_base64(mask) if self.settings.result.include_mask else None
         done = time.monotonic_ns()
         latency = LatencyMs(queue=_ms(queued.queued_ns, inferred.start_ns), decode=frame.decode_ms,

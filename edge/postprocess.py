@@ -16,6 +16,19 @@ def upscale_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+def fail_region_threshold(pixel_threshold: float, image_threshold: float, frame_map: np.ndarray,
+                          score_from_map: bool) -> float:
+    """The map threshold that draws a failed part's regions: a fail always shows where.
+
+    Norm-guided (`score_from_map`): the score is the mean of the map's highest pixels, so pixels at
+    the image threshold exist whenever the part fails. RADAR: the score comes from the one-class
+    model over features, on another scale than the map, so the pixel threshold applies, lowered to
+    the map's peak when no pixel reaches it."""
+    if score_from_map:
+        return min(pixel_threshold, image_threshold)
+    return min(pixel_threshold, float(frame_map.max()))
+
+
 def find_regions(frame_map: np.ndarray, pixel_threshold: float, min_area_px: int) -> tuple[np.ndarray, list[Region]]:
     """Binary mask (map >= threshold) and its 8-connected regions, largest first."""
     mask = (frame_map >= pixel_threshold).astype(np.uint8)

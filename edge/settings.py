@@ -64,6 +64,8 @@ BackendChoice = Literal["auto", "tensorrt", "exported-cuda", "aoti-cpu", "export
 class InferenceSettings(_Section):
     backend: BackendChoice = Field("auto", description="auto (the fastest this machine runs), tensorrt, "
                                    "exported-cuda, aoti-cpu or exported-cpu")
+    head: Literal["auto", "norm-guided", "radar"] = Field(
+        "auto", description="the bundle's head to serve; auto: the one it recommends (better on validation)")
     max_batch: int | None = Field(None, gt=0, description="frames per inference batch (at most the bundle's "
                                   "max); default: the fastest size measured at load")
     max_wait_ms: float = Field(5.0, ge=0, description="longest wait to fill a batch")

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from protocols.bundle import HeadName
+
 WIRE_VERSION = 1
 # A camera id is one MQTT topic level: no separators or wildcards.
 CAMERA_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -69,6 +71,7 @@ class ModelRef(_Message):
     name: str
     version: str
     sha256: str = Field(description="sha256 of the bundle's manifest")
+    head: HeadName | None = Field(None, description="the bundle head that produced the answer")
 
 
 class LatencyMs(_Message):

@@ -37,7 +37,7 @@ def tiny_run(tmp_path_factory, datasets_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def bundles(tiny_run: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """Two portable bundles of the tiny run with different identities (for hot swaps)."""
+    """Two portable bundles of the tiny run (both heads) with different identities (for hot swaps)."""
     from trainer.cli import main
 
     root = tmp_path_factory.mktemp("daemon-bundles")

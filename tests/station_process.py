@@ -109,10 +109,10 @@ def wait_for_answers(subscriber: Subscriber, frame_ids: set[str], timeout_s: flo
 
 def faulty_bundle(run: Path, reference: Path, out: Path, fault: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                   tuple[torch.Tensor, torch.Tensor]], name: str) -> Path:
-    """A bundle of `run` (same manifest as the exported `reference`) whose graph passes the fused
-    model's (images, maps, scores) through `fault`: a real torch.export program that verifies."""
+    """A norm-guided bundle of `run` (the manifest of the exported `reference`) whose graph passes
+    the fused model's (images, maps, scores) through `fault`: a real torch.export program that verifies."""
     from trainer.evaluate import load_run
-    from trainer.export.program import export_fused
+    from trainer.export.program import export_head
 
     cfg, model, _ = load_run(run)
     fused = model.fused(cfg.method).eval()
@@ -127,12 +127,12 @@ def faulty_bundle(run: Path, reference: Path, out: Path, fault: Callable[[torch.
 
     manifest = Manifest.model_validate_json((reference / MANIFEST_NAME).read_text())
     out.mkdir(parents=True)
-    program = export_fused(Faulty(), model.image_size, manifest.input.max_batch)
+    program = export_head(Faulty(), model.image_size, manifest.input.max_batch)
     torch.export.save(program, out / "model.pt2")
-    manifest = manifest.model_copy(update={
-        "model": manifest.model.model_copy(update={"name": name}),
-        "files": [BundleFile(path="model.pt2", format="torch.export", target="cpu",
-                             sha256=sha256_file(out / "model.pt2"))]})
+    head = manifest.head("norm-guided").model_copy(update={"files": [BundleFile(
+        path="model.pt2", format="torch.export", target="cpu", sha256=sha256_file(out / "model.pt2"))]})
+    manifest = manifest.model_copy(update={"model": manifest.model.model_copy(update={"name": name}),
+                                           "heads": [head], "recommended_head": "norm-guided"})
     (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
     (out / MANIFEST_DIGEST_NAME).write_text(sha256_file(out / MANIFEST_NAME) + "\n")
     return out

@@ -1,4 +1,4 @@
-"""`trainer export` → bundle → edge runtime: parity on real images, and tampering refused."""
+"""`trainer export` → bundle → edge runtime: heads, parity on real images, and tampering refused."""
 
 import json
 import shutil
@@ -13,7 +13,7 @@ from edge.runtime.aoti import AotiCpuBackend
 from edge.runtime.bundle import BundleError
 from edge.runtime.exported import ExportedCpuBackend
 from edge.runtime.loader import batch_sizes, load_model
-from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest, sha256_file
+from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest, ThresholdSpec, sha256_file
 from trainer.cli import main
 from trainer.evaluate import load_run
 
@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def bundle(tiny_run: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    assert main(["export", str(tiny_run), "--out", str(out), "--target", "cpu", "--max-batch", "4"]) == 0
+    assert main(["export", str(tiny_run), "--out", str(out), "--target", "cpu", "--max-batch", "4",
+                 "--head", "norm-guided"]) == 0
     return out
 
 
@@ -39,13 +40,15 @@ def eager_reference(tiny_run: Path, datasets_dir: Path):
 def test_manifest_describes_the_bundle(bundle: Path, tiny_run: Path):
     manifest = Manifest.model_validate_json((bundle / MANIFEST_NAME).read_text())
     thresholds = json.loads((tiny_run / "thresholds.json").read_text())
+    assert manifest.version == 3 and manifest.head_names == ["norm-guided"] == [manifest.recommended_head]
+    head = manifest.head("norm-guided")
     assert manifest.input.height == manifest.input.width == 64 and manifest.input.max_batch == 4
-    assert (manifest.method.t_s, manifest.method.t_b, manifest.method.top_k) == (200, 400, 50)
-    assert manifest.thresholds.image == thresholds["false_reject_rate"]["image"]
-    assert [(f.path, f.format) for f in manifest.files] == [("model.pt2", "torch.export"),
-                                                            ("model.cpu.pt2", "aoti-package")]
+    assert (head.method.t_s, head.method.t_b, head.method.top_k) == (200, 400, 50)
+    assert head.thresholds.image == thresholds["false_reject_rate"]["image"]
+    assert [(f.path, f.format) for f in head.files] == [("model.pt2", "torch.export"),
+                                                        ("model.cpu.pt2", "aoti-package")]
     assert len(manifest.provenance.data_fingerprint) == 64
-    assert "validation_image_auroc" in manifest.metrics
+    assert "validation_image_auroc" in head.metrics
     assert not list(bundle.parent.glob(".*partial")), "staging directory left behind"
 
 
@@ -59,7 +62,7 @@ def backends_here(bundle: Path):
 
 def test_every_backend_matches_eager_with_identical_verdicts(bundle, eager_reference):
     images, ref_maps, ref_scores = eager_reference
-    threshold = Manifest.model_validate_json((bundle / MANIFEST_NAME).read_text()).thresholds.image
+    threshold = Manifest.model_validate_json((bundle / MANIFEST_NAME).read_text()).head("norm-guided").thresholds.image
     checked = []
     for backend in backends_here(bundle):
         for batch in (images[:1], images):
@@ -115,3 +118,40 @@ def test_missing_file_wrong_version_and_unknown_backend_are_named(bundle, tmp_pa
         load_model(copy)
     with pytest.raises(BundleError, match="unknown backend"):
         load_model(bundle, "gpu-please")
+
+
+def test_export_of_both_heads_lists_each_with_its_files_figures_and_the_recommended_head(bundles, tiny_run):
+    manifest = Manifest.model_validate_json((bundles[0] / MANIFEST_NAME).read_text())
+    radar, validation = json.loads((tiny_run / "radar.json").read_text()), json.loads(
+        (tiny_run / "validation.json").read_text())
+    assert manifest.head_names == ["norm-guided", "radar"]
+    assert [f.path for f in manifest.head("norm-guided").files] == ["model.pt2"]
+    assert [f.path for f in manifest.head("radar").files] == ["radar.pt2"]
+    assert all((bundles[0] / f.path).is_file() for f in manifest.files)
+    head = manifest.head("radar")
+    assert head.method.model_dump(include={"t", "discrepancy", "window", "map_scale"}) == radar["constants"]
+    assert (head.method.blur_ksize, head.method.sobel_ksize) == (5, 5)
+    assert head.method.one_class.model_dump() == radar["one_class"]
+    assert head.thresholds == ThresholdSpec.model_validate(radar["thresholds"]["false_reject_rate"])
+    assert head.metrics["validation_selection"] == radar["validation"]["selection"]
+    assert manifest.head("norm-guided").metrics["validation_selection"] == validation["selection"]
+    better = "radar" if radar["validation"]["selection"] > validation["selection"] else "norm-guided"
+    assert manifest.recommended_head == better
+
+
+def test_a_run_without_radar_json_exports_norm_guided_only_and_refuses_radar(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("radar.json", "eval"))
+    assert main(["export", str(run), "--out", str(tmp_path / "radar"), "--head", "radar"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "radar.json: missing" in err, err
+    assert not (tmp_path / "radar").exists()
+    assert main(["export", str(run), "--out", str(tmp_path / "both"), "--target", "portable", "--max-batch", "2"]) == 0
+    assert "no radar.json: norm-guided head only" in capsys.readouterr().out
+    manifest = Manifest.model_validate_json((tmp_path / "both" / MANIFEST_NAME).read_text())
+    assert manifest.head_names == ["norm-guided"] and manifest.recommended_head == "norm-guided"
+
+
+def test_a_head_the_bundle_lacks_is_refused_naming_the_heads_it_has(bundle):
+    with pytest.raises(BundleError, match=r"the bundle has no radar head \(its heads: norm-guided\)$"):
+        load_model(bundle, head="radar")

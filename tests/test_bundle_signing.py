@@ -71,9 +71,10 @@ def bomb_bundle(source: Path, out: Path, sentinel: Path) -> Path:
                 data = pickle.dumps(Bomb(sentinel))
             rewritten.writestr(info.filename, data)
     manifest = Manifest.model_validate_json((out / MANIFEST_NAME).read_text())
-    files = [f.model_copy(update={"sha256": sha256_file(program)}) if f.path == "model.pt2" else f
-             for f in manifest.files]
-    (out / MANIFEST_NAME).write_text(manifest.model_copy(update={"files": files}).model_dump_json(indent=2))
+    heads = [h.model_copy(update={"files": [f.model_copy(update={"sha256": sha256_file(program)})
+                                            if f.path == "model.pt2" else f for f in h.files]})
+             for h in manifest.heads]
+    (out / MANIFEST_NAME).write_text(manifest.model_copy(update={"heads": heads}).model_dump_json(indent=2))
     (out / MANIFEST_DIGEST_NAME).write_text(sha256_file(out / MANIFEST_NAME) + "\n")
     (out / SIGNATURE_NAME).unlink(missing_ok=True)
     return out
@@ -92,13 +93,14 @@ def test_export_signs_and_a_station_with_the_key_loads_it_naming_the_signer(tiny
 def test_a_threshold_change_needs_a_new_signature_and_trainer_sign_gives_it(bundles, keys, tmp_path):
     bundle = signed_copy(bundles[0], tmp_path / "b", keys["owner"])
     raw = json.loads((bundle / MANIFEST_NAME).read_text())
-    raw["thresholds"]["image"] = 0.5
+    for head in raw["heads"]:
+        head["thresholds"]["image"] = 0.5
     (bundle / MANIFEST_NAME).write_text(json.dumps(raw))
     (bundle / MANIFEST_DIGEST_NAME).write_text(sha256_file(bundle / MANIFEST_NAME))
     with pytest.raises(BundleError, match="signature .* does not match this manifest"):
         load_model(bundle, "exported-cpu", keys["trusted"])
     assert trainer(["sign", str(bundle), "--sign-key", str(keys["owner"])]) == 0
-    assert load_model(bundle, "exported-cpu", keys["trusted"]).bundle.manifest.thresholds.image == 0.5
+    assert load_model(bundle, "exported-cpu", keys["trusted"]).head.thresholds.image == 0.5
 
 
 def test_trainer_sign_refuses_a_bundle_whose_files_do_not_match(bundles, keys, tmp_path, capsys):
@@ -141,7 +143,7 @@ def test_a_trusted_signature_still_never_lets_a_bundle_file_reach_the_unpickler(
     bundle = bomb_bundle(bundles[0], tmp_path / "bomb", sentinel)
     assert trainer(["sign", str(bundle), "--sign-key", str(keys["owner"])]) == 0
     with pytest.raises(BundleError, match=r"model\.pt2: cannot be loaded by exported-cpu: Weights only load failed"):
-        load_model(bundle, "exported-cpu", keys["trusted"])
+        load_model(bundle, "exported-cpu", keys["trusted"], head="norm-guided")
     assert not sentinel.exists()
     # The bomb is real: torch's own loader, unguarded, sets it off.
     with pytest.raises(Exception):

@@ -20,6 +20,7 @@ from mqtt_broker import Subscriber
 from station_process import PREFIX, results_by_frame
 
 from edge.replay import replay
+from protocols.bundle import MANIFEST_NAME, Manifest
 from protocols.messages import ErrorReport, Result, Status
 
 pytestmark = pytest.mark.slow
@@ -35,10 +36,12 @@ def test_200_replayed_frames_give_exactly_200_results_with_masks(bundles, hazeln
         time.sleep(1.0)  # anything extra would arrive now
         messages = sub.messages(f"{PREFIX}/cam0/result")
     assert sorted(results) == [f"{i:06d}" for i in range(200)]
+    manifest = Manifest.model_validate_json((bundles[0] / MANIFEST_NAME).read_text())
+    served = manifest.head(manifest.recommended_head)  # inference.head = "auto"
     assert len(messages) == 200, "duplicates without an outage"
     for result in results.values():
         assert result.verdict in ("pass", "fail") and 0 <= result.score <= 1
-        assert result.threshold == json.loads((bundles[0] / "manifest.json").read_text())["thresholds"]["image"]
+        assert result.threshold == served.thresholds.image
         assert (result.verdict == "fail") == (result.score >= result.threshold)
         assert result.latency_ms.total >= result.latency_ms.infer > 0
         assert (result.mask is None and not result.regions) if result.verdict == "pass" else result.mask

@@ -18,8 +18,8 @@ from edge.frame_queue import FrameQueue
 from edge.answer_ids import AnswerIds
 from hostile_frames import jpeg_declaring, png_declaring
 from edge.frames import FrameIdGaps, decode_message, to_model_input
-from edge.postprocess import find_regions, mask_png_base64, upscale_map
-from edge.settings import BackendChoice, SettingsError, ZmqSettings, load_settings, reference_rows
+from edge.postprocess import fail_region_threshold, find_regions, mask_png_base64, upscale_map
+from edge.settings import BackendChoice, InferenceSettings, SettingsError, ZmqSettings, load_settings, reference_rows
 from edge.systemd import SystemdNotifier
 from protocols.messages import FrameError, FrameHeader
 
@@ -107,6 +107,14 @@ def test_backend_setting_is_a_checked_choice_of_the_loaders_backends(tmp_path):
         load_settings(None, bundle="/b", inference={"backend": "gpu-please"})
 
 
+def test_head_setting_is_a_checked_choice_of_the_loaders_heads():
+    from edge.runtime.loader import HEAD_CHOICES
+
+    assert set(get_args(InferenceSettings.model_fields["head"].annotation)) == set(HEAD_CHOICES)
+    with pytest.raises(SettingsError, match="inference.head"):
+        load_settings(None, bundle="/b", inference={"head": "both"})
+
+
 def test_model_input_resize_and_map_upscale_keep_shapes():
     rgb = np.zeros((90, 120, 3), np.uint8)
     assert to_model_input(rgb, 64, 64).shape == (64, 64, 3)
@@ -125,6 +133,17 @@ def test_regions_are_connected_components_with_bbox_area_and_max_score():
     assert mask.sum() == 18 + 16 + 1
     png = cv2.imdecode(np.frombuffer(base64.b64decode(mask_png_base64(mask)), np.uint8), cv2.IMREAD_UNCHANGED)
     assert png.shape == (20, 30) and set(np.unique(png)) == {0, 255}
+
+
+def test_a_fail_shows_where_on_the_maps_own_scale_whichever_head_decided():
+    frame_map = np.full((40, 40), 0.2, np.float32)
+    frame_map[10:14, 20:23] = 0.6  # the defect: below the pixel threshold, above the rest
+    # RADAR: the image threshold (0.05) is a one-class score, not a map value: the peak shows, not the frame.
+    _, regions = find_regions(frame_map, fail_region_threshold(0.9, 0.05, frame_map, score_from_map=False), 1)
+    assert [(r.bbox, r.area_px) for r in regions] == [((20, 10, 3, 4), 12)]
+    # Norm-guided: its score is a mean of the map's highest pixels, so the image threshold is a map value.
+    assert fail_region_threshold(0.9, 0.5, frame_map, score_from_map=True) == 0.5
+    assert fail_region_threshold(0.3, 0.5, frame_map, score_from_map=False) == 0.3
 
 
 def test_latest_policy_drops_the_oldest_and_block_policy_waits():

@@ -1,7 +1,14 @@
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from pydantic import ValidationError
 
+from protocols.bundle import (
+    BUNDLE_VERSION, BundleFile, HeadSpec, Manifest, OutputSpec, RadarOutputSpec, RadarSpec,
+)
+from protocols.one_class import fit_knn
 from protocols.schemas import CONTRACTS, schema_text
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
@@ -22,3 +29,48 @@ def test_protocols_imports_neither_side_and_nothing_shipped_imports_the_harness(
             for line in path.read_text().splitlines():
                 stripped = line.strip()
                 assert not any(stripped.startswith((f"import {f}", f"from {f}")) for f in forbidden), (path, line)
+
+
+DEMO_MANIFEST = Path(__file__).resolve().parents[1] / "demo" / "bundle" / "manifest.json"
+
+
+def radar_head(norm_guided: HeadSpec) -> HeadSpec:
+    one_class, _ = fit_knn(np.random.default_rng(0).uniform(1, 2, (8, 2)))
+    return HeadSpec(name="radar", files=[BundleFile(path="radar.pt2", format="torch.export", target="cpu",
+                                                    sha256="0" * 64)],
+                    method=RadarSpec(t=50, discrepancy="residual", window=5, map_scale=2.0, blur_ksize=5,
+                                     sobel_ksize=5, one_class=one_class),
+                    thresholds=norm_guided.thresholds, metrics={"validation_selection": 0.5}, outputs=RadarOutputSpec())
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_version_1_and_2_manifests_are_read_as_one_norm_guided_head(version):
+    raw = json.loads(DEMO_MANIFEST.read_text())
+    raw["version"] = version
+    manifest = Manifest.model_validate(raw)
+    assert manifest.version == BUNDLE_VERSION == 3 and manifest.head_names == ["norm-guided"]
+    assert manifest.recommended_head == "norm-guided"
+    head = manifest.head("norm-guided")
+    assert [f.model_dump() for f in head.files] == raw["files"] == [f.model_dump() for f in manifest.files]
+    assert head.method.model_dump(exclude={"name"}) == {k: v for k, v in raw["method"].items() if k != "name"}
+    assert head.thresholds.model_dump(exclude_none=True) == raw["thresholds"]
+    assert head.metrics == raw["metrics"] and head.outputs == OutputSpec()
+    assert Manifest.model_validate_json(manifest.model_dump_json()) == manifest
+
+
+def test_a_version_3_manifest_round_trips_with_both_heads_and_checks_them():
+    old = Manifest.model_validate_json(DEMO_MANIFEST.read_text())
+    manifest = old.model_copy(update={"heads": [*old.heads, radar_head(old.heads[0])], "recommended_head": "radar"})
+    text = manifest.model_dump_json()
+    assert "files" not in json.loads(text) and Manifest.model_validate_json(text) == manifest
+    assert [f.path for f in manifest.files] == ["model.pt2", "radar.pt2"]
+    raw = json.loads(text)
+    for broken, message in [
+        ({**raw, "recommended_head": "radar", "heads": raw["heads"][:1]}, "recommended_head 'radar' is not one"),
+        ({**raw, "heads": [raw["heads"][0], raw["heads"][0]]}, "heads listed twice"),
+        ({**raw, "heads": [raw["heads"][0], {**raw["heads"][1], "files": raw["heads"][0]["files"]}]},
+         "a file belongs to two heads"),
+        ({**raw, "heads": [raw["heads"][0], {**raw["heads"][1], "name": "norm-guided"}]}, "must be those of"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            Manifest.model_validate(broken)

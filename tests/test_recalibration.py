@@ -1,5 +1,5 @@
-"""`trainer calibrate`: thresholds from other good images, into a run (then export) or into a copy
-of a bundle, which a station then serves."""
+"""`trainer calibrate`: thresholds of every head from other good images, into a run (then export)
+or into a copy of a bundle, which a station then serves."""
 
 import json
 import shutil
@@ -20,6 +20,7 @@ def test_a_run_recalibrated_on_line_images_is_exported_and_served_with_the_new_t
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     before = json.loads((run / "thresholds.json").read_text())["false_reject_rate"]
+    radar_before = json.loads((run / "radar.json").read_text())["thresholds"]["false_reject_rate"]
     good, defects = datasets_dir / "hazelnut" / "test" / "good", datasets_dir / "hazelnut" / "test" / "colour"
     assert trainer(["calibrate", str(run), str(good), "--defects", str(defects), "--false-reject-rate", "0.05"]) == 0
     printed = capsys.readouterr()
@@ -28,14 +29,25 @@ def test_a_run_recalibrated_on_line_images_is_exported_and_served_with_the_new_t
     assert after["calibration_images"] == len(list(good.iterdir())) and thresholds["calibrated_on"] == str(good.resolve())
     assert after["target_false_reject_rate"] == 0.05 and after["image"] != before["image"]
     assert after["estimator"] == "logit-normal" and "too few" in printed.err  # 6 images cannot show 5 %
-    assert "before: image" in printed.out and "escapes on the defective images" in printed.out
+    radar = json.loads((run / "radar.json").read_text())["thresholds"]
+    radar_after = radar["false_reject_rate"]
+    assert radar["calibrated_on"] == str(good.resolve()) and radar_after["calibration_images"] == 6
+    assert radar_after["target_false_reject_rate"] == 0.05 and radar_after["image"] != radar_before["image"]
+    for head in ("norm-guided", "radar"):
+        assert f"{head}: before: image" in printed.out and f"{head}: escapes on the defective images" in printed.out
     assert trainer(["export", str(run), "--out", str(tmp_path / "bundle"), "--target", "portable"]) == 0
-    shipped = Manifest.model_validate_json((tmp_path / "bundle" / MANIFEST_NAME).read_text()).thresholds
-    assert (shipped.image, shipped.pixel, shipped.calibration_images) == (after["image"], after["pixel"], 6)
+    manifest = Manifest.model_validate_json((tmp_path / "bundle" / MANIFEST_NAME).read_text())
+    calibrated = {"norm-guided": after, "radar": radar_after}
+    for head in manifest.heads:
+        shipped = head.thresholds
+        assert (shipped.image, shipped.pixel, shipped.calibration_images) == (
+            calibrated[head.name]["image"], calibrated[head.name]["pixel"], 6)
     daemon = daemon_factory(tmp_path / "bundle")
     with Subscriber(broker.port, f"{PREFIX}/#") as sub:
         assert replay(hazelnut_dir, daemon.endpoint, limit=2) == 2
-        assert {r.threshold for r in results_by_frame(sub, 2).values()} == {after["image"]}
+        results = results_by_frame(sub, 2).values()
+    assert {(r.model.head, r.threshold) for r in results} == {
+        (manifest.recommended_head, calibrated[manifest.recommended_head]["image"])}
 
 
 def test_a_recalibrated_bundle_copy_is_what_the_station_serves(bundles, datasets_dir, tmp_path, daemon_factory,
@@ -45,13 +57,17 @@ def test_a_recalibrated_bundle_copy_is_what_the_station_serves(bundles, datasets
     assert trainer(["calibrate", str(bundles[0]), str(good), "--out", str(out), "--false-reject-rate", "0.2"]) == 0
     old = Manifest.model_validate_json((bundles[0] / MANIFEST_NAME).read_text())
     new = Manifest.model_validate_json((out / MANIFEST_NAME).read_text())
-    assert new.thresholds.image != old.thresholds.image and new.thresholds.target_false_reject_rate == 0.2
+    assert new.head_names == old.head_names == ["norm-guided", "radar"]
+    for head in new.head_names:
+        assert new.head(head).thresholds.image != old.head(head).thresholds.image
+        assert new.head(head).thresholds.target_false_reject_rate == 0.2
     assert new.files == old.files and new.model == old.model, "same graphs: only the thresholds change"
-    daemon = daemon_factory(out)
+    daemon = daemon_factory(out, head="norm-guided")
     with Subscriber(broker.port, f"{PREFIX}/#") as sub:
         assert replay(hazelnut_dir, daemon.endpoint, limit=4) == 4
         results = results_by_frame(sub, 4)
-    assert {r.threshold for r in results.values()} == {new.thresholds.image}
+    assert {(r.model.head, r.threshold) for r in results.values()} == {
+        ("norm-guided", new.head("norm-guided").thresholds.image)}
 
 
 def test_calibrate_refuses_what_it_cannot_do_in_one_line(bundles, tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""TensorRT, checked statically on a CPU: every op of the fused graph has a torch-tensorrt
-converter, and the GPU-only modules import and fail clearly without torch-tensorrt."""
+"""TensorRT, checked statically on a CPU: every op of both heads' graphs (norm-guided, RADAR) has a
+torch-tensorrt converter, and the GPU-only modules import and fail clearly without torch-tensorrt."""
 
 import re
 import subprocess
@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from edge.runtime.tensorrt import TensorRTBackend
+from trainer.export.program import export_head
 from trainer.export.tensorrt import compile_tensorrt
-from trainer.export.trt_readiness import tensorrt_ops, unsupported_ops, validated_ops
+from trainer.export.trt_readiness import _lowered_ops, tensorrt_ops, unsupported_ops, validated_ops
 from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
 from trainer.profiles import get_profile
+from trainer.radar import RadarConstants, RadarInference, feature_window
 
 PROFILE = get_profile("tiny")
 
@@ -32,6 +34,14 @@ def fused_program() -> torch.export.ExportedProgram:
     return export_with_dynamic_batch(fused, torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8))
 
 
+@pytest.fixture(scope="module")
+def radar_program() -> torch.export.ExportedProgram:
+    size = PROFILE.image_size
+    head = RadarInference(DiffusionAD(PROFILE).denoiser, MethodConfig(), size, RadarConstants(
+        t=50, discrepancy="residual", window=feature_window(size), map_scale=1.0))
+    return export_head(head, size, 8)
+
+
 def test_the_op_list_names_the_torch_tensorrt_version_it_was_read_from():
     facts = tensorrt_ops()
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", facts["torch_tensorrt_version"])
@@ -41,6 +51,18 @@ def test_the_op_list_names_the_torch_tensorrt_version_it_was_read_from():
 
 def test_every_op_of_the_fused_graph_has_a_tensorrt_converter(fused_program):
     assert unsupported_ops(fused_program) == []
+
+
+def test_every_op_of_the_radar_graph_has_a_tensorrt_converter(radar_program):
+    ops = {name for name, _ in _lowered_ops(radar_program)}
+    # Its filters as TensorRT sees them: reflected borders, depthwise (grouped) convolutions, the
+    # window pooling, the gradient magnitude and the largest window.
+    assert {"aten::reflection_pad2d.default", "aten::convolution.default", "aten::avg_pool2d.default",
+            "aten::sqrt.default", "aten::amax.default"} <= ops
+    assert unsupported_ops(radar_program) == []
+    # avg_pool_param_validator refuses ceil_mode and divisor_override; the head uses neither.
+    pools = [n for n in radar_program.graph.nodes if n.target is torch.ops.aten.avg_pool2d.default]
+    assert pools and all(n.args[4:] in ((), (False,), (False, True), (False, True, None)) for n in pools)
 
 
 def test_ops_with_capability_limits_are_listed_for_review(fused_program):

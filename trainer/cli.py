@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target", choices=["portable", "cpu", "tensorrt", "all"], default="cpu",
                         help="portable: the torch.export program only; cpu: + AOTInductor package if faster; "
                              "tensorrt: + TensorRT engines (on the GPU); all")
+    export.add_argument("--head", choices=["norm-guided", "radar", "both"], default="both",
+                        help="the inference head(s) to ship; both: those the run has (default)")
     export.add_argument("--max-batch", type=int, default=8)
     export.add_argument("--sign-key", type=Path, metavar="FILE",
                         help="Ed25519 private key (trainer keygen): sign the bundle for stations with trusted_keys_dir")
@@ -130,12 +132,18 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from trainer import run_dir as files
     from trainer.export.bundle import export_bundle
 
-    manifest = export_bundle(args.run_dir, args.out, args.target, args.max_batch, args.sign_key)
+    manifest = export_bundle(args.run_dir, args.out, args.target, args.max_batch, args.sign_key, args.head)
     signed = f", signed with {args.sign_key}" if args.sign_key else ""
-    print(f"bundle {manifest.model.name} {manifest.model.version} → {args.out} "
-          f"({', '.join(f.path for f in manifest.files)}{signed})")
+    print(f"bundle {manifest.model.name} {manifest.model.version} → {args.out}{signed}")
+    for head in manifest.heads:
+        recommended = " (recommended)" if head.name == manifest.recommended_head else ""
+        print(f"  {head.name}{recommended}: {', '.join(f.path for f in head.files)}; validation selection "
+              f"{head.metrics['validation_selection']:.4f}")
+    if args.head == "both" and len(manifest.heads) == 1:
+        print(f"  the run has no {files.RADAR}: norm-guided head only")
 
 
 def run_calibrate(args: argparse.Namespace) -> None:
@@ -145,14 +153,15 @@ def run_calibrate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--false-reject-rate must be in (0, 1), got {args.false_reject_rate}")
     if args.sign_key is not None and args.out is None:
         raise ConfigError("--sign-key signs the new bundle: give --out too")
-    done = recalibrate(args.source, args.good_dir, args.defects, args.false_reject_rate, args.out)
-    before = done.before
-    print(f"before: image {before.image:.4f}: rejects {done.good_rejected_before:.1%} of these good images"
-          + (f"; expected false rejects {before.expected_false_reject_rate:.2%}"
-             if before.expected_false_reject_rate is not None else ""))
-    print_thresholds(done.after.to_dict(), label="after")
-    if done.escapes is not None:
-        print(f"escapes on the defective images: {done.escapes[0]:.1%} before, {done.escapes[1]:.1%} after")
+    for done in recalibrate(args.source, args.good_dir, args.defects, args.false_reject_rate, args.out):
+        before = done.before
+        print(f"{done.head}: before: image {before.image:.4f}: rejects {done.good_rejected_before:.1%} of these "
+              "good images" + (f"; expected false rejects {before.expected_false_reject_rate:.2%}"
+                               if before.expected_false_reject_rate is not None else ""))
+        print_thresholds(done.after.to_dict(), label=f"{done.head}: after")
+        if done.escapes is not None:
+            print(f"{done.head}: escapes on the defective images: {done.escapes[0]:.1%} before, "
+                  f"{done.escapes[1]:.1%} after")
     if args.out is not None:
         if args.sign_key is not None:
             from trainer.export.signing import sign_bundle
@@ -160,7 +169,8 @@ def run_calibrate(args: argparse.Namespace) -> None:
             sign_bundle(args.out, args.sign_key)
         print(f"bundle with the new thresholds → {args.out}{' (signed)' if args.sign_key else ' (unsigned)'}")
     else:
-        print(f"thresholds → {args.source / 'thresholds.json'} (trainer export to ship them)")
+        print(f"thresholds → {args.source / 'thresholds.json'}, and the RADAR head's into "
+              f"{args.source / 'radar.json'} if the run has one (trainer export to ship them)")
 
 
 def run_sign(args: argparse.Namespace) -> None:

@@ -1,9 +1,11 @@
 """`trainer calibrate`: new thresholds from good parts taken on the line (the first good parts of
 a shift, a station's saved frames), for a training run or a bundle. Thresholds live outside the
-graphs, so nothing is recompiled: a run gets a new thresholds.json (export it again), a bundle a
-new copy with a new manifest (sign it, deploy it; the station reloads)."""
+graphs, so nothing is recompiled: every head is recalibrated; a run gets a new thresholds.json (and
+radar.json thresholds; export it again), a bundle a new copy with a new manifest (sign it, deploy
+it; the station reloads)."""
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,22 +13,42 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from protocols.bundle import BUNDLE_VERSION, MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest, ThresholdSpec, sha256_file
+from protocols.bundle import (
+    MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest, RadarSpec, ThresholdSpec, sha256_file,
+)
+from protocols.one_class import KnnNormalModel
 from trainer import run_dir as files
 from trainer.config import ConfigError
 from trainer.data.mvtec import DataError, is_image_file, read_rgb
 from trainer.evaluate import load_run, score_in_batches
 from trainer.evaluation.calibration import Thresholds, calibrate
+from trainer.radar import RadarInference
+from trainer.radar_fit import load_radar
 
 BATCH = 8
 
 
 @dataclass(frozen=True)
 class Recalibration:
+    head: str
     before: Thresholds
     after: Thresholds
     good_rejected_before: float  # share of the given good images the old image threshold fails
     escapes: tuple[float, float] | None  # (before, after) share of the given defective images passed
+
+
+@dataclass(frozen=True)
+class _Head:
+    """One head of a run or a bundle, as far as calibration needs it."""
+    name: str
+    graph: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # uint8 NHWC → (maps, second output)
+    one_class: KnnNormalModel | None  # RADAR: its second output are features, scored by this
+    before: Thresholds
+    batch: int  # a bundle's programs take at most its max_batch
+
+    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, second = score_in_batches(self.graph, images, self.batch)
+        return maps, second if self.one_class is None else self.one_class.score(second)
 
 
 def _images(folder: Path, size: int) -> np.ndarray:
@@ -38,47 +60,71 @@ def _images(folder: Path, size: int) -> np.ndarray:
     return np.stack([read_rgb(p, size) for p in paths])
 
 
-def _scorer(source: Path):
-    """(image size, uint8 NHWC → (maps, scores)) for a run or a bundle, and the thresholds it ships."""
-    if (source / MANIFEST_NAME).is_file():
-        manifest = _manifest(source)
-        program = next((f for f in manifest.files if f.format == "torch.export"), None)
+def _bundle_heads(bundle: Path) -> tuple[int, list[_Head]]:
+    manifest = _manifest(bundle)
+    heads = []
+    for head in manifest.heads:
+        program = next((f for f in head.files if f.format == "torch.export"), None)
         if program is None:
-            raise ConfigError(f"{source}: the bundle has no torch.export program to score images with")
+            raise ConfigError(f"{bundle}: the bundle's {head.name} head has no torch.export program to score "
+                              "images with")
         try:
-            module = torch.export.load(source / program.path).module()
+            module = torch.export.load(bundle / program.path).module()
         except Exception as err:  # torch raises many kinds for a file that is not a program
-            raise ConfigError(f"{source / program.path}: cannot be loaded ({type(err).__name__})") from None
-        return manifest.input.height, module, Thresholds.from_dict(manifest.thresholds.model_dump())
-    cfg, model, thresholds = load_run(source)
-    return model.image_size, model.fused(cfg.method).eval(), Thresholds.from_dict(thresholds["false_reject_rate"])
+            raise ConfigError(f"{bundle / program.path}: cannot be loaded ({type(err).__name__})") from None
+        one_class = head.method.one_class if isinstance(head.method, RadarSpec) else None
+        heads.append(_Head(head.name, module, one_class, Thresholds.from_dict(head.thresholds.model_dump()),
+                           min(BATCH, manifest.input.max_batch)))
+    return manifest.input.height, heads
+
+
+def _run_heads(run: Path) -> tuple[int, list[_Head]]:
+    cfg, model, thresholds = load_run(run)
+    heads = [_Head("norm-guided", model.fused(cfg.method).eval(), None,
+                   Thresholds.from_dict(thresholds["false_reject_rate"]), BATCH)]
+    if (run / files.RADAR).is_file():
+        record = files.read_json(run / files.RADAR)
+        constants, one_class = load_radar(record)
+        heads.append(_Head("radar", RadarInference(model.denoiser, cfg.method, model.image_size, constants).eval(),
+                           one_class, Thresholds.from_dict(record["thresholds"]["false_reject_rate"]), BATCH))
+    return model.image_size, heads
 
 
 def recalibrate(source: Path, good_dir: Path, defects_dir: Path | None, false_reject_rate: float,
-                out: Path | None) -> Recalibration:
-    """Thresholds from the good images in `good_dir` (recursively), written into the run at
-    `source`, or into a copy of the bundle at `source` made at `out`."""
+                out: Path | None) -> list[Recalibration]:
+    """Thresholds of every head from the good images in `good_dir` (recursively), written into
+    the run at `source`, or into a copy of the bundle at `source` made at `out`."""
     is_bundle = (source / MANIFEST_NAME).is_file()
     if is_bundle and out is None:
         raise ConfigError(f"{source} is a bundle: give --out for the recalibrated copy (a bundle is never changed "
                           "in place: its signature and the stations' copies refer to it)")
     if out is not None and out.exists():
         raise ConfigError(f"{out}: exists; not overwriting")
-    size, module, before = _scorer(source)
-    good_maps, good_scores = score_in_batches(module, _images(good_dir, size), BATCH)
-    after = calibrate("false_reject_rate", good_scores, good_maps, false_reject_rate=false_reject_rate)
-    escapes = None
-    if defects_dir is not None:
-        _, defect_scores = score_in_batches(module, _images(defects_dir, size), BATCH)
-        escapes = (float(np.mean(defect_scores < before.image)), float(np.mean(defect_scores < after.image)))
+    size, heads = _bundle_heads(source) if is_bundle else _run_heads(source)
+    good = _images(good_dir, size)
+    defects = _images(defects_dir, size) if defects_dir is not None else None
+    done = []
+    for head in heads:
+        good_maps, good_scores = head.score(good)
+        after = calibrate("false_reject_rate", good_scores, good_maps, false_reject_rate=false_reject_rate)
+        escapes = None
+        if defects is not None:
+            _, defect_scores = head.score(defects)
+            escapes = (float(np.mean(defect_scores < head.before.image)), float(np.mean(defect_scores < after.image)))
+        done.append(Recalibration(head.name, head.before, after, float(np.mean(good_scores >= head.before.image)),
+                                  escapes))
     if is_bundle:
-        _write_bundle(source, out, after)
-    else:
-        thresholds = files.read_json(source / files.THRESHOLDS)
-        files.write_json(source / files.THRESHOLDS, {**thresholds, "default": "false_reject_rate",
-                                                     "false_reject_rate": after.to_dict(),
-                                                     "calibrated_on": str(good_dir.resolve())})
-    return Recalibration(before, after, float(np.mean(good_scores >= before.image)), escapes)
+        _write_bundle(source, out, {r.head: r.after for r in done})
+        return done
+    for recalibration in done:
+        calibrated = {"default": "false_reject_rate", "false_reject_rate": recalibration.after.to_dict(),
+                      "calibrated_on": str(good_dir.resolve())}
+        if recalibration.head == "radar":
+            record = files.read_json(source / files.RADAR)
+            files.write_json(source / files.RADAR, {**record, "thresholds": {**record["thresholds"], **calibrated}})
+        else:
+            files.write_json(source / files.THRESHOLDS, {**files.read_json(source / files.THRESHOLDS), **calibrated})
+    return done
 
 
 def _manifest(bundle: Path) -> Manifest:
@@ -89,11 +135,12 @@ def _manifest(bundle: Path) -> Manifest:
         raise ConfigError(f"{bundle / MANIFEST_NAME}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
-def _write_bundle(source: Path, out: Path, thresholds: Thresholds) -> None:
-    """A copy of the bundle with the new thresholds, its digest last; unsigned (`trainer sign`)."""
+def _write_bundle(source: Path, out: Path, thresholds: dict[str, Thresholds]) -> None:
+    """A copy of the bundle with each head's new thresholds, its digest last; unsigned (`trainer sign`)."""
     manifest = _manifest(source)
-    updated = manifest.model_copy(update={"thresholds": ThresholdSpec.model_validate(thresholds.to_dict()),
-                                          "version": BUNDLE_VERSION})
+    heads = [h.model_copy(update={"thresholds": ThresholdSpec.model_validate(thresholds[h.name].to_dict())})
+             for h in manifest.heads]
+    updated = manifest.model_copy(update={"heads": heads})
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

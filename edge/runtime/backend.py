@@ -31,4 +31,5 @@ class Backend(ABC):
     @abstractmethod
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [B, H, W, 3] RGB at the manifest's input size (1 <= B <= max_batch) →
-        (anomaly_map float32 [B, H, W], score float32 [B])."""
+        (anomaly_map float32 [B, H, W], the head's second output: score float32 [B] for the
+        norm-guided head, features float32 [B, 2] for RADAR, scored by LoadedModel)."""

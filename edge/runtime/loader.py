@@ -1,12 +1,13 @@
-"""Load a verified bundle into a ready backend: the named one, or with `auto` the fastest one
-this machine can run. Each candidate is warmed up and timed at every batch size up to the
-bundle's maximum, on the bundle's own input size; the daemon batches at the fastest size."""
+"""Load one head of a verified bundle into a ready backend: the named one, or with `auto` the
+fastest one this machine can run. Each candidate is warmed up and timed at every batch size up to
+the bundle's maximum, on the bundle's own input size; the daemon batches at the fastest size."""
 
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
@@ -15,11 +16,12 @@ from edge.runtime.backend import Backend, BackendUnavailable
 from edge.runtime.bundle import BundleError, VerifiedBundle, verify_bundle
 from edge.runtime.exported import ExportedCpuBackend, ExportedCudaBackend
 from edge.runtime.tensorrt import TensorRTBackend
-from protocols.bundle import BundleFile
+from protocols.bundle import BundleFile, HeadName, HeadSpec, RadarSpec
 from protocols.signing import SignatureError, load_trusted_keys
 
 BACKENDS: tuple[type[Backend], ...] = (TensorRTBackend, ExportedCudaBackend, AotiCpuBackend, ExportedCpuBackend)
 BACKEND_KEYS = ("auto", *(b.key for b in BACKENDS))
+HEAD_CHOICES = ("auto", *get_args(HeadName))
 
 
 # Each batch size is timed for at least this long at load: long enough to rank them, short enough
@@ -30,6 +32,7 @@ MIN_TIMING_S = 0.5
 @dataclass
 class LoadedModel:
     bundle: VerifiedBundle
+    head: HeadSpec  # the head served: its files are what the backend runs, its thresholds decide
     backend: Backend
     batch_rates: dict[int, float]  # images/s per batch size, measured at load
 
@@ -44,15 +47,30 @@ class LoadedModel:
         return self.batch_rates[self.best_batch]
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.backend.infer(images)
+        """(anomaly_map [B, H, W], score [B]) whatever the head: a RADAR graph's second output is
+        its features, which the head's one-class model scores here, outside the graph."""
+        maps, second = self.backend.infer(images)
+        if isinstance(self.head.method, RadarSpec):
+            return maps, self.head.method.one_class.score(second).astype(np.float32)
+        return maps, second
 
 
-def _candidates(bundle: VerifiedBundle, choice: str) -> list[tuple[type[Backend], BundleFile]]:
+def select_head(bundle: VerifiedBundle, choice: str) -> HeadSpec:
+    """The head `choice` names, or with `auto` the bundle's recommended head."""
+    manifest = bundle.manifest
+    head = manifest.head(manifest.recommended_head if choice == "auto" else choice)
+    if head is None:
+        raise BundleError(f"{bundle.root}: the bundle has no {choice} head (its heads: "
+                          f"{', '.join(manifest.head_names)})")
+    return head
+
+
+def _candidates(head: HeadSpec, choice: str) -> list[tuple[type[Backend], BundleFile]]:
     found = []
     for backend in BACKENDS:
         if choice not in ("auto", backend.key):
             continue
-        for entry in bundle.manifest.files:
+        for entry in head.files:
             if entry.format in backend.formats and backend.available():
                 found.append((backend, entry))
                 break
@@ -81,28 +99,33 @@ def warm_up(backend: Backend, bundle: VerifiedBundle) -> dict[int, float]:
     return rates
 
 
-def load_model(root: Path, choice: str = "auto", trusted_keys_dir: Path | None = None) -> LoadedModel:
-    """Verify, load and warm up. With `trusted_keys_dir`, only a bundle signed by one of its keys
-    (read at every load, so a key can be added or withdrawn with a reload). Any failure is a
-    BundleError naming the bundle and the cause."""
+def load_model(root: Path, choice: str = "auto", trusted_keys_dir: Path | None = None,
+               head: str = "auto") -> LoadedModel:
+    """Verify the bundle, load `head` (auto: the bundle's recommended head) and warm it up. With
+    `trusted_keys_dir`, only a bundle signed by one of its keys (read at every load, so a key can
+    be added or withdrawn with a reload). Any failure is a BundleError naming the bundle and the
+    cause."""
     if choice not in BACKEND_KEYS:
         raise BundleError(f"unknown backend {choice!r}; choose one of {', '.join(BACKEND_KEYS)}")
+    if head not in HEAD_CHOICES:
+        raise BundleError(f"unknown head {head!r}; choose one of {', '.join(HEAD_CHOICES)}")
     try:
         trusted_keys = load_trusted_keys(trusted_keys_dir) if trusted_keys_dir is not None else None
     except SignatureError as err:
         raise BundleError(str(err)) from None
     # The backends read the verified copies, which live only until the model is in memory.
     with tempfile.TemporaryDirectory(prefix="edge-bundle-") as copy_dir:
-        return _load_verified(verify_bundle(root, trusted_keys, Path(copy_dir)), choice)
+        bundle = verify_bundle(root, trusted_keys, Path(copy_dir))
+        return _load_verified(bundle, select_head(bundle, head), choice)
 
 
-def _load_verified(bundle: VerifiedBundle, choice: str) -> LoadedModel:
+def _load_verified(bundle: VerifiedBundle, head: HeadSpec, choice: str) -> LoadedModel:
     root = bundle.root
-    candidates = _candidates(bundle, choice)
+    candidates = _candidates(head, choice)
     if not candidates:
-        formats = sorted({f.format for f in bundle.manifest.files})
+        formats = sorted({f.format for f in head.files})
         raise BundleError(f"{root}: no backend {'' if choice == 'auto' else choice + ' '}on this machine "
-                          f"can run the bundle's files ({', '.join(formats)})")
+                          f"can run the {head.name} head's files ({', '.join(formats)})")
     loaded = []
     for backend_type, entry in candidates:
         path = root / entry.path
@@ -117,7 +140,7 @@ def _load_verified(bundle: VerifiedBundle, choice: str) -> LoadedModel:
         except Exception as err:
             raise BundleError(f"{path}: fails its warm-up on {backend_type.key}: "
                               f"{type(err).__name__}: {_first_line(err)}") from err
-        loaded.append(LoadedModel(bundle, backend, rates))
+        loaded.append(LoadedModel(bundle, head, backend, rates))
     if not loaded:
         raise BundleError(f"{root}: none of the candidate backends could start here")
     return max(loaded, key=lambda m: m.images_per_second)
@@ -137,16 +160,17 @@ class BackgroundLoad:
     than there are CPUs: a warm-up on a long-lived thread would leave such a pool and slow every
     later batch of the inference thread (≈15–20 % on 2 cores, measured)."""
 
-    def __init__(self, root: Path, choice: str = "auto", trusted_keys_dir: Path | None = None) -> None:
+    def __init__(self, root: Path, choice: str = "auto", trusted_keys_dir: Path | None = None,
+                 head: str = "auto") -> None:
         self._done = threading.Event()
         self._model: LoadedModel | None = None
         self._error: BaseException | None = None
-        threading.Thread(target=self._load, args=(root, choice, trusted_keys_dir), name="model-load",
+        threading.Thread(target=self._load, args=(root, choice, trusted_keys_dir, head), name="model-load",
                          daemon=True).start()
 
-    def _load(self, root: Path, choice: str, trusted_keys_dir: Path | None) -> None:
+    def _load(self, root: Path, choice: str, trusted_keys_dir: Path | None, head: str) -> None:
         try:
-            self._model = load_model(root, choice, trusted_keys_dir)
+            self._model = load_model(root, choice, trusted_keys_dir, head)
         except BaseException as err:  # handed to the caller of result()
             self._error = err
         finally:

@@ -1,10 +1,13 @@
 """`trainer export`: a training run → a self-describing, verifiable model bundle directory.
 
-Always the portable torch.export program (runs on CPU and CUDA; `portable` stops there); `cpu`
-adds an AOTInductor package (the station times both when it loads the bundle and runs the
-faster); `tensorrt` adds torch-tensorrt engines (built on the target GPU class); `all` both."""
+A bundle holds the run's heads (norm-guided; RADAR if the run has radar.json), each its own graph
+over the same denoiser weights. Per head, always the portable torch.export program (runs on CPU and
+CUDA; `portable` stops there); `cpu` adds an AOTInductor package (the station times both when it
+loads the bundle and runs the faster); `tensorrt` adds torch-tensorrt engines (built on the target
+GPU class); `all` both."""
 
 import shutil
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -13,75 +16,100 @@ from typing import Literal
 import torch
 
 from protocols.bundle import (
-    MANIFEST_DIGEST_NAME, MANIFEST_NAME, BundleFile, InputSpec, Manifest, MethodSpec, ModelIdentity, Provenance,
-    ThresholdSpec, sha256_file,
+    MANIFEST_DIGEST_NAME, MANIFEST_NAME, BundleFile, HeadSpec, InputSpec, Manifest, MethodSpec, ModelIdentity,
+    OutputSpec, Provenance, RadarOutputSpec, RadarSpec, ThresholdSpec, sha256_file,
 )
 from protocols.signing import load_private_key
 from trainer import run_dir as files
 from trainer.config import ConfigError
 from trainer.evaluate import load_run
 from trainer.export.aoti import compile_aoti_package
-from trainer.export.program import export_fused
+from trainer.export.program import export_head
 from trainer.export.signing import sign_bundle
+from trainer.radar import BLUR_KSIZE, SOBEL_KSIZE, RadarInference
+from trainer.radar_fit import load_radar
 
 Target = Literal["portable", "cpu", "tensorrt", "all"]
-PROGRAM = "model.pt2"
-AOTI_PACKAGE = "model.cpu.pt2"
-TENSORRT_PROGRAM = "model.trt.ep"
+HeadChoice = Literal["norm-guided", "radar", "both"]
+# Each head's files are <stem>.pt2, <stem>.cpu.pt2, <stem>.trt.ep; the norm-guided head keeps the
+# names of version 2 bundles.
+FILE_STEMS = {"norm-guided": "model", "radar": "radar"}
+TEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
 
 
-def _metrics(run: Path) -> dict[str, float | None]:
-    """Validation figures of the selected weights, and test figures if `trainer eval` wrote them."""
-    metrics = {f"validation_{k}": v for k, v in files.read_json(run / files.VALIDATION).items()
-               if k in ("image_auroc", "pixel_ap")}
+@dataclass(frozen=True)
+class _Head:
+    name: str
+    graph: torch.nn.Module
+    method: MethodSpec | RadarSpec
+    outputs: OutputSpec | RadarOutputSpec
+    thresholds: dict  # {"default": policy, policy: thresholds}, as in thresholds.json
+    validation: dict  # the selection split's figures: image_auroc, pixel_ap, selection
+    test: dict | None  # `trainer eval`'s figures, if it ran
+
+    def metrics(self) -> dict[str, float | None]:
+        metrics = {f"validation_{k}": self.validation[k] for k in ("image_auroc", "pixel_ap", "selection")}
+        if self.test is not None:
+            metrics.update({k: self.test[k] for k in TEST_METRICS})
+        return metrics
+
+
+def _run_heads(run: Path, choice: HeadChoice) -> tuple[int, list[_Head]]:
+    """The model's image size and the chosen heads the run has."""
+    cfg, model, thresholds = load_run(run)
+    if not (run / files.VALIDATION).is_file():
+        raise ConfigError(f"{run}: not a finished training run (missing {files.VALIDATION})")
     evaluation = run / "eval" / "metrics.json"
-    if evaluation.is_file():
-        test = files.read_json(evaluation)
-        metrics.update({k: test[k] for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")})
-    return metrics
+    test = files.read_json(evaluation) if evaluation.is_file() else None
+    heads = []
+    if choice in ("norm-guided", "both"):
+        heads.append(_Head("norm-guided", model.fused(cfg.method).eval(),
+                           MethodSpec(profile=cfg.profile, **cfg.method.model_dump(exclude={"tau"})), OutputSpec(),
+                           thresholds, files.read_json(run / files.VALIDATION), test))
+    radar_path = run / files.RADAR
+    if choice == "radar" and not radar_path.is_file():
+        raise ConfigError(f"{radar_path}: missing: the run has no RADAR head (`trainer eval` fits one for a run "
+                          "trained before the head existed)")
+    if choice in ("radar", "both") and radar_path.is_file():
+        record = files.read_json(radar_path)
+        constants, one_class = load_radar(record)
+        heads.append(_Head("radar", RadarInference(model.denoiser, cfg.method, model.image_size, constants).eval(),
+                           RadarSpec(**constants.model_dump(), blur_ksize=BLUR_KSIZE, sobel_ksize=SOBEL_KSIZE,
+                                     one_class=one_class),
+                           RadarOutputSpec(), record["thresholds"], record["validation"],
+                           None if test is None else test.get("radar")))
+    return model.image_size, heads
 
 
 def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int = 8,
-                  sign_key: Path | None = None) -> Manifest:
+                  sign_key: Path | None = None, head: HeadChoice = "both") -> Manifest:
     """Build the bundle in a staging directory (signed with `sign_key` if given) and move it into
-    place only when complete."""
+    place only when complete. `both` exports the heads the run has."""
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: bundle directory exists and is not empty")
     if sign_key is not None:
         load_private_key(sign_key)  # a bad key fails now, not after the compile
-    cfg, model, thresholds = load_run(run)
-    if not (run / files.VALIDATION).is_file():
-        raise ConfigError(f"{run}: not a finished training run (missing {files.VALIDATION})")
+    size, heads = _run_heads(run, head)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        fused = model.fused(cfg.method).eval()
-        program = export_fused(fused, model.image_size, max_batch)
-        torch.export.save(program, staging / PROGRAM)
-        entries = [BundleFile(path=PROGRAM, format="torch.export", target="cpu", sha256=sha256_file(staging / PROGRAM))]
-        if target in ("cpu", "all"):
-            entries += _aoti_package(program, staging)
+        programs = {h.name: export_head(h.graph, size, max_batch) for h in heads}
         manifest = Manifest(
             model=ModelIdentity(name=run.resolve().name,
                                 version=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")),
-            input=InputSpec(height=model.image_size, width=model.image_size, max_batch=max_batch),
-            method=MethodSpec(profile=cfg.profile, **cfg.method.model_dump(exclude={"tau"})),
-            thresholds=ThresholdSpec.model_validate(thresholds[thresholds["default"]]),
-            metrics=_metrics(run),
+            input=InputSpec(height=size, width=size, max_batch=max_batch),
+            heads=[HeadSpec(name=h.name, files=_cpu_files(programs[h.name], staging, FILE_STEMS[h.name], target),
+                            method=h.method, thresholds=ThresholdSpec.model_validate(
+                                h.thresholds[h.thresholds["default"]]),
+                            metrics=h.metrics(), outputs=h.outputs) for h in heads],
+            recommended_head=max(heads, key=lambda h: h.validation["selection"]).name,
             provenance=Provenance(trainer_version=version("diffusionad-inspect"), torch_version=torch.__version__,
                                   data_fingerprint=files.read_json(run / files.CONFIG)["data"]["fingerprint"],
                                   created=datetime.now(timezone.utc)),
-            files=entries,
         )
         if target in ("tensorrt", "all"):
-            from trainer.export.tensorrt import compile_tensorrt
-
-            compile_tensorrt(program, model.image_size, model.image_size, max_batch, staging / TENSORRT_PROGRAM,
-                             manifest.model_dump_json(indent=2))
-            manifest = manifest.model_copy(update={"files": [*entries, BundleFile(
-                path=TENSORRT_PROGRAM, format="torch-tensorrt", target="tensorrt",
-                sha256=sha256_file(staging / TENSORRT_PROGRAM))]})
+            manifest = _with_tensorrt(manifest, programs, staging)
         (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
         (staging / MANIFEST_DIGEST_NAME).write_text(sha256_file(staging / MANIFEST_NAME) + "\n")
         if sign_key is not None:
@@ -96,8 +124,29 @@ def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int =
     return manifest
 
 
-def _aoti_package(program: torch.export.ExportedProgram, staging: Path) -> list[BundleFile]:
-    """Kept beside the portable program whatever its speed here: the station times both at every
-    batch size when it loads the bundle and runs the faster one on its own CPU."""
-    path = compile_aoti_package(program, staging / AOTI_PACKAGE)
-    return [BundleFile(path=AOTI_PACKAGE, format="aoti-package", target="cpu", sha256=sha256_file(path))]
+def _cpu_files(program: torch.export.ExportedProgram, staging: Path, stem: str, target: Target) -> list[BundleFile]:
+    """The portable program, and for `cpu`/`all` the AOTInductor package, kept beside it whatever
+    its speed here: the station times both at every batch size when it loads the bundle and runs
+    the faster one on its own CPU."""
+    path = staging / f"{stem}.pt2"
+    torch.export.save(program, path)
+    entries = [BundleFile(path=path.name, format="torch.export", target="cpu", sha256=sha256_file(path))]
+    if target in ("cpu", "all"):
+        package = compile_aoti_package(program, staging / f"{stem}.cpu.pt2")
+        entries.append(BundleFile(path=package.name, format="aoti-package", target="cpu",
+                                  sha256=sha256_file(package)))
+    return entries
+
+
+def _with_tensorrt(manifest: Manifest, programs: dict[str, torch.export.ExportedProgram], staging: Path) -> Manifest:
+    """Every head's TensorRT file, each holding the manifest as it was before the TensorRT files."""
+    from trainer.export.tensorrt import compile_tensorrt
+
+    spec, inside = manifest.input, manifest.model_dump_json(indent=2)
+    heads = []
+    for head in manifest.heads:
+        path = staging / f"{FILE_STEMS[head.name]}.trt.ep"
+        compile_tensorrt(programs[head.name], spec.height, spec.width, spec.max_batch, path, inside)
+        heads.append(head.model_copy(update={"files": [*head.files, BundleFile(
+            path=path.name, format="torch-tensorrt", target="tensorrt", sha256=sha256_file(path))]}))
+    return manifest.model_copy(update={"heads": heads})
