@@ -7,6 +7,11 @@ MQTT topics under a prefix (default `inspection/<station_id>`):
   <prefix>/error               ErrorReport, QoS 1: a frame rejected or not inspected, or a station problem
 Every accepted frame gets exactly one answer: a Result or an ErrorReport naming the frame. Delivery
 is at least once: subscribers de-duplicate on the station-assigned `result_id` / `error_id`.
+
+Versioning: `v` changes only when a message changes incompatibly. Within a version, the station's
+messages may gain optional fields (`model.head` came this way), so readers of them ignore fields
+they do not know; frame headers, written by cameras for the station, stay strict so a misspelt
+field is an error, not silently dropped.
 """
 
 from typing import Literal
@@ -25,6 +30,11 @@ class _Message(BaseModel):
 
     def encode(self) -> bytes:
         return self.model_dump_json(exclude_none=False).encode()
+
+
+class _StationMessage(_Message):
+    """What the station publishes: a reader keeps working when a later station adds a field."""
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class FrameHeader(_Message):
@@ -67,14 +77,14 @@ def decode_header(data: bytes) -> FrameHeader:
         raise FrameError(f"header {where}: {first['msg']}") from None
 
 
-class ModelRef(_Message):
+class ModelRef(_StationMessage):
     name: str
     version: str
     sha256: str = Field(description="sha256 of the bundle's manifest")
     head: HeadName | None = Field(None, description="the bundle head that produced the answer")
 
 
-class LatencyMs(_Message):
+class LatencyMs(_StationMessage):
     queue: float = Field(description="received → inference batch formed")
     decode: float
     infer: float = Field(description="the frame's inference batch")
@@ -82,7 +92,7 @@ class LatencyMs(_Message):
     total: float = Field(description="received → handed to the outbox")
 
 
-class Region(_Message):
+class Region(_StationMessage):
     bbox: tuple[int, int, int, int] = Field(description="x, y, w, h in frame pixels")
     area_px: int
     max_score: float
@@ -93,7 +103,7 @@ Verdict = Literal["pass", "fail"]
 ResultFlag = Literal["non_finite_score", "non_finite_map"]
 
 
-class Result(_Message):
+class Result(_StationMessage):
     v: Literal[1] = WIRE_VERSION
     result_id: str = Field(description="assigned by the station: unique, sorts by time; the de-duplication key")
     camera_id: str
@@ -115,7 +125,7 @@ class Result(_Message):
 StationState = Literal["online", "degraded", "draining", "faulted", "offline"]
 
 
-class Status(_Message):
+class Status(_StationMessage):
     v: Literal[1] = WIRE_VERSION
     state: StationState = Field(description="online: inspecting; degraded: running, but frames may get errors "
                                 "(reason says why); draining: stopping, answering what it accepted; faulted: "
@@ -132,7 +142,7 @@ class Status(_Message):
 ErrorKind = Literal["rejected", "not_inspected", "station"]
 
 
-class ErrorReport(_Message):
+class ErrorReport(_StationMessage):
     v: Literal[1] = WIRE_VERSION
     error_id: str = Field(description="assigned by the station: unique, sorts by time; the de-duplication key")
     kind: ErrorKind

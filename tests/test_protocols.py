@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from protocols.bundle import (
     BUNDLE_VERSION, BundleFile, HeadSpec, Manifest, OutputSpec, RadarOutputSpec, RadarSpec,
 )
+from protocols.messages import FrameHeader, Result, Status
 from protocols.one_class import fit_knn
 from protocols.schemas import CONTRACTS, schema_text
 
@@ -19,6 +20,24 @@ def test_published_json_schema_is_current(name):
     published = DOCS / f"{name}.schema.json"
     assert published.read_text() == schema_text(CONTRACTS[name]), (
         f"{published} is stale: run `python -m protocols.schemas docs/schemas`")
+
+
+def test_station_messages_read_with_fields_a_later_station_adds_but_frame_headers_stay_strict():
+    result = {"v": 1, "result_id": "r1", "camera_id": "cam0", "frame_id": "f1", "part_id": None,
+              "verdict": "pass", "score": 0.1, "threshold": 0.5, "flags": [], "ts_capture_ns": 1,
+              "ts_result_ns": 2, "latency_ms": {"queue": 0, "decode": 0, "infer": 0, "post": 0, "total": 0,
+                                                "later": 1},
+              "model": {"name": "m", "version": "1", "sha256": "ab", "later": "x"},
+              "regions": [], "mask": None, "meta": None, "later": True}
+    assert Result.model_validate_json(json.dumps(result)).model.name == "m"
+    # a station older than `model.head` is read too
+    del result["model"]["later"]
+    assert Result.model_validate(result).model.head is None
+    assert Status.model_validate({"v": 1, "state": "online", "station_id": "s", "ts_ns": 1, "later": 2}).state == "online"
+    header = {"v": 1, "camera_id": "cam0", "frame_id": "f1", "ts_ns": 1, "encoding": "png", "width": 2, "height": 2}
+    FrameHeader.model_validate(header)
+    with pytest.raises(ValidationError, match="part_idd"):
+        FrameHeader.model_validate({**header, "part_idd": "SN-1"})
 
 
 def test_protocols_imports_neither_side_and_nothing_shipped_imports_the_harness():
