@@ -1,8 +1,8 @@
-"""Inference backends per profile: the eager module, the exported program (what `exported-cpu`
-runs) and the AOTInductor package (`aoti-cpu`, compiled as `trainer export` compiles it):
-images/s at batch 1, 4 and 8, and FLOP efficiency — achieved GFLOP/s over this machine's sgemm
+"""Inference backends per profile and head: the eager module, the exported program (what
+`exported-cpu` runs) and the AOTInductor package (`aoti-cpu`, compiled as `trainer export` compiles
+it): images/s at batch 1, 4 and 8, and FLOP efficiency — achieved GFLOP/s over this machine's sgemm
 peak, measured at the start of the same run. Weights are random (speed does not depend on them);
-the graph is the bundle's graph.
+the graphs are the bundle's graphs.
 
     .venv/bin/python bench/backends.py [--profiles tiny small] [--seconds 5]
 """
@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 from machine import sgemm_peak_gflops
-from model_cost import gflop_per_image
+from model_cost import gflop_per_image, inference_heads
 from timing import images_per_second, random_images
 from trainer.export.aoti import compile_aoti_package
 from trainer.export.program import export_head
-from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
 from trainer.profiles import PROFILES
 
@@ -36,30 +35,30 @@ def main() -> None:
     print("### Inference backends\n")
     print(f"sgemm peak measured in this run: **{peak:.1f} GFLOP/s** (fp32 `torch.mm`, best of "
           "1024², 2048², 3072²). Cells: images/s (GFLOP/s as % of that peak).\n")
-    print("| profile | GFLOP / image | backend | " + " | ".join(f"b={b}" for b in BATCHES)
+    print("| profile | head | GFLOP / image | backend | " + " | ".join(f"b={b}" for b in BATCHES)
           + f" | vs eager at b={BATCHES[-1]} | compile s |")
-    print("|---|---|---|" + "---|" * len(BATCHES) + "---|---|")
+    print("|---|---|---|---|" + "---|" * len(BATCHES) + "---|---|")
     for name in args.profiles:
         profile = PROFILES[name]
         size = profile.image_size
         torch.manual_seed(0)
-        fused = DiffusionAD(profile).eval().fused(MethodConfig()).eval()
-        gflop = gflop_per_image(fused, size)
-        program = export_head(fused, size, max(BATCHES))
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            package = compile_aoti_package(program, Path(tmp) / "model.cpu.pt2")
-            aoti = torch._inductor.aoti_load_package(str(package))
-            compile_s = time.perf_counter() - start
-            runners = {"eager": (fused, "-"), "exported-cpu": (program.module(), "-"),
-                       "aoti-cpu": (aoti, f"{compile_s:.0f}")}
-            eager_last = None
-            for backend, (run, compile_text) in runners.items():
-                rates = [images_per_second(run, random_images(b, size), args.seconds) for b in BATCHES]
-                eager_last = eager_last or rates[-1]
-                cells = " | ".join(f"{r:.2f} ({100 * r * gflop / peak:.0f} %)" for r in rates)
-                print(f"| {name} | {gflop:.1f} | {backend} | {cells} | {rates[-1] / eager_last:.2f}× "
-                      f"| {compile_text} |", flush=True)
+        for head, graph in inference_heads(DiffusionAD(profile).eval()).items():
+            gflop = gflop_per_image(graph, size)
+            program = export_head(graph, size, max(BATCHES))
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                package = compile_aoti_package(program, Path(tmp) / "model.cpu.pt2")
+                aoti = torch._inductor.aoti_load_package(str(package))
+                compile_s = time.perf_counter() - start
+                runners = {"eager": (graph, "-"), "exported-cpu": (program.module(), "-"),
+                           "aoti-cpu": (aoti, f"{compile_s:.0f}")}
+                eager_last = None
+                for backend, (run, compile_text) in runners.items():
+                    rates = [images_per_second(run, random_images(b, size), args.seconds) for b in BATCHES]
+                    eager_last = eager_last or rates[-1]
+                    cells = " | ".join(f"{r:.2f} ({100 * r * gflop / peak:.0f} %)" for r in rates)
+                    print(f"| {name} | {head} | {gflop:.1f} | {backend} | {cells} | {rates[-1] / eager_last:.2f}× "
+                          f"| {compile_text} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
    timestamp to the verdict arriving at the subscriber, p50 and p99.
 4. The daemon's peak RSS (VmHWM) at the end.
 
-    .venv/bin/python bench/daemon_vs_bare.py [--run RUN] [--rounds 3] [--frames 96]
+    .venv/bin/python bench/daemon_vs_bare.py [--run RUN] [--head norm-guided|radar] [--rounds 3] [--frames 96]
 
 Without --run, a `small` model is trained for two steps on the in-repo sample (speed does not
 depend on the weights) and exported with `trainer export --target cpu`.
@@ -108,6 +108,8 @@ def steady_rate(arrivals: list[tuple[float, Result]]) -> tuple[float, list[tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a trained run to export (default: a 2-step small model)")
+    parser.add_argument("--head", choices=["norm-guided", "radar"], default="norm-guided",
+                        help="the bundle head the station serves")
     parser.add_argument("--rounds", type=int, default=3, help="saturation runs, each between two bare timings")
     parser.add_argument("--frames", type=int, default=96, help="frames sent per saturation run")
     parser.add_argument("--seconds", type=float, default=8.0, help="minimum duration of each bare timing")
@@ -121,14 +123,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         bundle = build_bundle(args.run, workdir)
-        model = load_model(bundle, "auto")
+        model = load_model(bundle, "auto", head=args.head)
         backend, spec = model.backend.key, model.bundle.manifest.input
         batch = model.best_batch  # what the daemon would choose; it is told, so both use the same
         inputs = np.stack([to_model_input(cv2.cvtColor(f, cv2.COLOR_BGR2RGB), spec.height, spec.width)
                            for f in (frames * batch)[:batch]])
         broker = MosquittoBroker(workdir)
         broker.start()
-        told = {"inference": {"backend": backend, "max_batch": batch}}
+        told = {"inference": {"backend": backend, "max_batch": batch, "head": args.head}}
         station = StationProcess(STATION_ID, bundle, broker, workdir, workdir / "edge.log", settings=told)
         feed = Feed(broker.port, station.prefix)
         try:
@@ -152,7 +154,8 @@ def main() -> None:
             feed.stop()
             broker.stop()
 
-    print(f"### The daemon end to end vs the bare backend ({spec.height}² model, {width}×{height} raw bgr8 frames)\n")
+    print(f"### The daemon end to end vs the bare backend: {args.head} head ({spec.height}² model, {width}×{height} "
+          "raw bgr8 frames)\n")
     print(f"Bare: backend `{backend}` at batch {batch} in the benchmark's process. Daemon: ZeroMQ → decode, "
           f"resize → batches of ≤ {batch} → verdict, regions, mask PNG at frame size → SQLite outbox → "
           "mosquitto → a subscriber, images/s from the end of the first batch to the end of the last.\n")

@@ -1,6 +1,6 @@
-"""Cost of the fused one-step inference per profile: parameters and GFLOP per inspected image
-(two denoiser passes + segmenter + the steps around them), counted with torch's FLOP counter
-(2 FLOPs per multiply-add).
+"""Cost of inference per profile and head: parameters, and GFLOP per inspected image counted with
+torch's FLOP counter (2 FLOPs per multiply-add). Norm-guided: two denoiser passes + segmenter + the
+steps around them; RADAR: one denoiser pass + filters and features.
 
     .venv/bin/python bench/model_cost.py [--profiles tiny small paper]
 """
@@ -12,10 +12,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.fused import FusedInference
 from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
 from trainer.profiles import PROFILES
+from trainer.radar import RadarConstants, RadarInference, feature_window
 
 
 def gflop(run: Callable, *inputs: torch.Tensor) -> float:
@@ -26,8 +26,17 @@ def gflop(run: Callable, *inputs: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def gflop_per_image(fused: FusedInference, image_size: int) -> float:
-    return gflop(fused, torch.zeros((1, image_size, image_size, 3), dtype=torch.uint8))
+def gflop_per_image(head: torch.nn.Module, image_size: int) -> float:
+    return gflop(head, torch.zeros((1, image_size, image_size, 3), dtype=torch.uint8))
+
+
+def inference_heads(model: DiffusionAD) -> dict[str, torch.nn.Module]:
+    """Both heads' graphs over one model, by head name. RADAR at t=50 on the residual: its cost does
+    not depend on the constants a run chooses."""
+    size = model.image_size
+    constants = RadarConstants(t=50, discrepancy="residual", window=feature_window(size), map_scale=1.0)
+    return {"norm-guided": model.fused(MethodConfig()).eval(),
+            "radar": RadarInference(model.denoiser, MethodConfig(), size, constants).eval()}
 
 
 def main() -> None:
@@ -35,14 +44,16 @@ def main() -> None:
     parser.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=list(PROFILES))
     args = parser.parse_args()
     print("### Model cost per profile\n")
-    print("| profile | input | denoiser params | segmenter params | GFLOP / image |")
-    print("|---|---|---|---|---|")
+    print("| profile | input | denoiser params | segmenter params | GFLOP / image, norm-guided | "
+          "GFLOP / image, RADAR | RADAR / norm-guided |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.profiles:
         profile = PROFILES[name]
         model = DiffusionAD(profile).eval()
         params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (model.denoiser, model.segmenter)]
-        gflop = gflop_per_image(model.fused(MethodConfig()).eval(), profile.image_size)
-        print(f"| {name} | {profile.image_size}² | {params[0]:.2f} M | {params[1]:.2f} M | {gflop:.1f} |", flush=True)
+        cost = {head: gflop_per_image(graph, profile.image_size) for head, graph in inference_heads(model).items()}
+        print(f"| {name} | {profile.image_size}² | {params[0]:.2f} M | {params[1]:.2f} M | {cost['norm-guided']:.1f} "
+              f"| {cost['radar']:.1f} | {cost['radar'] / cost['norm-guided']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

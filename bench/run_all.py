@@ -16,7 +16,10 @@ from pathlib import Path
 from machine import describe
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ("model_cost.py", "backends.py", "one_step_vs_iterative.py", "daemon_vs_bare.py", "train_throughput.py")
+# (script, arguments): the daemon benchmark once per head.
+SCRIPTS = (("model_cost.py", []), ("backends.py", []), ("one_step_vs_iterative.py", []),
+           ("daemon_vs_bare.py", ["--head", "norm-guided"]), ("daemon_vs_bare.py", ["--head", "radar"]),
+           ("train_throughput.py", []))
 
 
 def run_script(script: str, extra: list[str]) -> str:
@@ -41,8 +44,8 @@ def main() -> None:
     started = time.monotonic()
     machine = describe()
     print(f"# {machine}\n", flush=True)
-    sections = [run_script(script, ["--run", str(args.run)] if script == "daemon_vs_bare.py" and args.run else [])
-                for script in SCRIPTS]
+    sections = [run_script(script, extra + (["--run", str(args.run)] if script == "daemon_vs_bare.py" and args.run
+                                            else [])) for script, extra in SCRIPTS]
     if args.soak_minutes > 0:
         sections.append(run_script("soak.py", ["--minutes", f"{args.soak_minutes:g}"]))
     command = shlex.join(["bench/run_all.py", *sys.argv[1:]])

@@ -649,7 +649,7 @@ class Daemon:
             anomaly_map = np.nan_to_num(outcome.anomaly_map, nan=1.0, posinf=1.0, neginf=1.0)
             frame_map = upscale_map(anomaly_map, header.height, header.width)
             region_threshold = pixel_threshold if verdict == "pass" else fail_region_threshold(
-                pixel_threshold, image_threshold, frame_map, inferred.model.head.name == "norm-guided")
+                pixel_threshold, image_threshold, frame_map, inferred.model.head.score_from_map)
             mask, regions = find_regions(frame_map, region_threshold, cfg.min_region_px)
             encoded_mask = mask_png_base64(mask) if self.settings.result.include_mask else None
         done = time.monotonic_ns()

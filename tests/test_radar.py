@@ -127,8 +127,8 @@ def radar_head(tiny_run):
 
     cfg, model, _ = load_run(tiny_run)
     record = json.loads((tiny_run / "radar.json").read_text())
-    constants, one_class = load_radar(record)
-    return RadarInference(model.denoiser, cfg.method, model.image_size, constants).eval(), record, one_class
+    head, one_class = load_radar(record, model, cfg.method)
+    return head, record, one_class
 
 
 def test_a_trained_run_carries_a_radar_head_chosen_on_validation_and_calibrated_on_other_images(radar_head, tiny_run):

@@ -13,7 +13,6 @@ from trainer.evaluation.report import write_curves, write_sample_grid, write_sco
 from trainer.fused import uint8_nhwc_to_unit_range
 from trainer.model import DiffusionAD
 from trainer.profiles import get_profile
-from trainer.radar import RadarInference
 from trainer.radar_fit import fit_radar, load_radar
 
 METRIC_SIZE = 256  # the field reports metrics at 256²
@@ -84,14 +83,13 @@ def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_s
 
     fused = model.fused(cfg.method).eval()
     maps, scores = score_in_batches(fused, images, batch_size)
-    constants, one_class = load_radar(radar)
-    radar_maps, radar_features = score_in_batches(RadarInference(model.denoiser, cfg.method, size, constants),
-                                                  images, batch_size)
+    radar_head, one_class = load_radar(radar, model, cfg.method)
+    radar_maps, radar_features = score_in_batches(radar_head, images, batch_size)
     radar_scores = one_class.score(radar_features)
 
     metrics = head_metrics(labels, scores, masks, maps, defects, thresholds)
     metrics["radar"] = {**head_metrics(labels, radar_scores, masks, radar_maps, defects, radar["thresholds"]),
-                        "constants": constants.model_dump()}
+                        "constants": radar_head.constants.model_dump()}
     metrics["run"] = {"profile": cfg.profile, "data": str(data_dir.resolve()), "images": len(images)}
 
     out.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,7 @@ class RadarInference(nn.Module):
     def __init__(self, denoiser: nn.Module, method: MethodConfig, image_size: int, constants: RadarConstants):
         super().__init__()
         self.denoiser = denoiser
+        self.constants = constants
         self.window = constants.window
         self.discrepancy = constants.discrepancy
         alpha_bars = linear_alpha_bars(method.num_timesteps, method.beta_start, method.beta_end)

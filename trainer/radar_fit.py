@@ -98,5 +98,9 @@ def fit_radar(model: DiffusionAD, method: MethodConfig, val: ValidationSet, cali
             "validation": chosen, "candidates": candidates}
 
 
-def load_radar(record: dict) -> tuple[RadarConstants, KnnNormalModel]:
-    return RadarConstants.model_validate(record["constants"]), KnnNormalModel.model_validate(record["one_class"])
+def load_radar(record: dict, model: DiffusionAD, method: MethodConfig) -> tuple[RadarInference, KnnNormalModel]:
+    """A run's RADAR head from its radar.json record: the graph over the model's denoiser and the
+    one-class model that scores the graph's features."""
+    constants = RadarConstants.model_validate(record["constants"])
+    return (RadarInference(model.denoiser, method, model.image_size, constants).eval(),
+            KnnNormalModel.model_validate(record["one_class"]))

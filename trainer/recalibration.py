@@ -22,7 +22,6 @@ from trainer.config import ConfigError
 from trainer.data.mvtec import DataError, is_image_file, read_rgb
 from trainer.evaluate import load_run, score_in_batches
 from trainer.evaluation.calibration import Thresholds, calibrate
-from trainer.radar import RadarInference
 from trainer.radar_fit import load_radar
 
 BATCH = 8
@@ -84,9 +83,8 @@ def _run_heads(run: Path) -> tuple[int, list[_Head]]:
                    Thresholds.from_dict(thresholds["false_reject_rate"]), BATCH)]
     if (run / files.RADAR).is_file():
         record = files.read_json(run / files.RADAR)
-        constants, one_class = load_radar(record)
-        heads.append(_Head("radar", RadarInference(model.denoiser, cfg.method, model.image_size, constants).eval(),
-                           one_class, Thresholds.from_dict(record["thresholds"]["false_reject_rate"]), BATCH))
+        graph, one_class = load_radar(record, model, cfg.method)
+        heads.append(_Head("radar", graph, one_class, Thresholds.from_dict(record["thresholds"]["false_reject_rate"]), BATCH))
     return model.image_size, heads
 
 

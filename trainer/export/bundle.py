@@ -26,7 +26,7 @@ from trainer.evaluate import load_run
 from trainer.export.aoti import compile_aoti_package
 from trainer.export.program import export_head
 from trainer.export.signing import sign_bundle
-from trainer.radar import BLUR_KSIZE, SOBEL_KSIZE, RadarInference
+from trainer.radar import BLUR_KSIZE, SOBEL_KSIZE
 from trainer.radar_fit import load_radar
 
 Target = Literal["portable", "cpu", "tensorrt", "all"]
@@ -72,11 +72,10 @@ def _run_heads(run: Path, choice: HeadChoice) -> tuple[int, list[_Head]]:
                           "trained before the head existed)")
     if choice in ("radar", "both") and radar_path.is_file():
         record = files.read_json(radar_path)
-        constants, one_class = load_radar(record)
-        heads.append(_Head("radar", RadarInference(model.denoiser, cfg.method, model.image_size, constants).eval(),
-                           RadarSpec(**constants.model_dump(), blur_ksize=BLUR_KSIZE, sobel_ksize=SOBEL_KSIZE,
-                                     one_class=one_class),
-                           RadarOutputSpec(), record["thresholds"], record["validation"],
+        graph, one_class = load_radar(record, model, cfg.method)
+        spec = RadarSpec(**graph.constants.model_dump(), blur_ksize=BLUR_KSIZE, sobel_ksize=SOBEL_KSIZE,
+                         one_class=one_class)
+        heads.append(_Head("radar", graph, spec, RadarOutputSpec(), record["thresholds"], record["validation"],
                            None if test is None else test.get("radar")))
     return model.image_size, heads
 
