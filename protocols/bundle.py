@@ -16,10 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocols.one_class import KnnNormalModel
 
-BUNDLE_VERSION = 3
-# 2: thresholds state their expected false-reject rate. 3: heads (norm-guided, RADAR). Versions 1
-# and 2 still load, read as a bundle with the norm-guided head only.
-SUPPORTED_BUNDLE_VERSIONS = (1, 2, 3)
+BUNDLE_VERSION = 4
+# 2: thresholds state their expected false-reject rate. 3: heads (norm-guided, RADAR). 4: files
+# state their precision, the CPU features they need and, below fp32, their parity with it. Older
+# versions still load: 1 and 2 as a bundle with the norm-guided head only, every file fp32 with no
+# stated CPU needs.
+SUPPORTED_BUNDLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST_NAME = "manifest.json"
 # sha256 of manifest.json's bytes: the manifest cannot list its own hash, so it sits beside it.
 MANIFEST_DIGEST_NAME = "manifest.sha256"
@@ -100,11 +102,39 @@ class Provenance(_Strict):
     created: datetime
 
 
+Precision = Literal["fp32", "bf16", "int8"]
+
+
+class ParitySpec(_Strict):
+    """A reduced-precision file measured against the head's fp32 program on the run's held-out
+    images (the selection split's good images and synthetic defects, and the calibration images);
+    never the test set. Export ships a file only within the limits stated here."""
+    images: int = Field(gt=0)
+    verdict_agreement: float = Field(ge=0, le=1, description="share of images with the fp32 verdict at the head's "
+                                     "image threshold")
+    max_abs_score_delta: float = Field(ge=0, description="largest |score - fp32 score| (RADAR: the one-class score)")
+    image_auroc_delta: float = Field(description="image AUROC minus fp32's, percentage points, good vs synthetic")
+    min_verdict_agreement: float = Field(description="the export's limit: a file agreeing less is not shipped")
+    max_image_auroc_drop: float = Field(description="the export's limit, percentage points")
+
+
 class BundleFile(_Strict):
-    path: str = Field(description="relative to the bundle directory")
-    format: Literal["torch.export", "aoti-package", "torch-tensorrt"]
+    path: str = Field(pattern=r"^[^/\\]+$", description="a file name in the bundle directory")
+    format: Literal["torch.export", "aoti-package", "torch-tensorrt", "openvino-ir", "openvino-weights"]
     target: Literal["cpu", "cuda", "tensorrt"]
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    precision: Precision = "fp32"
+    cpu_features: list[str] = Field(default_factory=list, description="instruction-set extensions the file needs, "
+                                    "as /proc/cpuinfo names them (e.g. avx2, avx512f); a station whose CPU lacks one "
+                                    "never loads the file")
+    parity: ParitySpec | None = Field(None, description="required below fp32")
+
+    @model_validator(mode="after")
+    def _parity_below_fp32(self) -> "BundleFile":
+        if (self.precision != "fp32") != (self.parity is not None):
+            raise ValueError(f"{self.path}: a {self.precision} file {'needs' if self.parity is None else 'has no'} "
+                             "parity figures")
+        return self
 
 
 class ModelIdentity(_Strict):
@@ -127,10 +157,16 @@ class HeadSpec(_Strict):
             raise ValueError(f"head {self.name!r}: method and outputs must be those of the {self.name} head")
         return self
 
+    @property
+    def score_from_map(self) -> bool:
+        """Whether the image score is computed from the anomaly map (norm-guided: the mean of its
+        highest pixels), so both are on one scale; RADAR's comes from the one-class model."""
+        return isinstance(self.method, MethodSpec)
+
 
 class Manifest(_Strict):
-    version: Literal[3] = Field(BUNDLE_VERSION, description="versions 1 and 2 are read as version 3 with one "
-                                "norm-guided head")
+    version: Literal[4] = Field(BUNDLE_VERSION, description="versions 1 to 3 are read as version 4; 1 and 2 with "
+                                "one norm-guided head")
     model: ModelIdentity
     input: InputSpec
     heads: list[HeadSpec] = Field(min_length=1)
@@ -140,7 +176,10 @@ class Manifest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _upgrade(cls, data: Any) -> Any:
-        """A version 1 or 2 manifest: its one graph is the norm-guided head."""
+        """An older manifest: version 3 lacks only what has defaults; in versions 1 and 2 the one
+        graph is the norm-guided head."""
+        if isinstance(data, dict) and data.get("version") == 3:
+            return {**data, "version": BUNDLE_VERSION}
         if not (isinstance(data, dict) and data.get("version") in (1, 2)):
             return data
         old = dict(data)

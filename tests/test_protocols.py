@@ -51,6 +51,7 @@ def test_protocols_imports_neither_side_and_nothing_shipped_imports_the_harness(
 
 
 DEMO_MANIFEST = Path(__file__).resolve().parents[1] / "demo" / "bundle" / "manifest.json"
+FILE_FIELDS_V1 = ("path", "format", "target", "sha256")
 
 
 def radar_head(norm_guided: HeadSpec) -> HeadSpec:
@@ -67,10 +68,11 @@ def test_version_1_and_2_manifests_are_read_as_one_norm_guided_head(version):
     raw = json.loads(DEMO_MANIFEST.read_text())
     raw["version"] = version
     manifest = Manifest.model_validate(raw)
-    assert manifest.version == BUNDLE_VERSION == 3 and manifest.head_names == ["norm-guided"]
+    assert manifest.version == BUNDLE_VERSION == 4 and manifest.head_names == ["norm-guided"]
     assert manifest.recommended_head == "norm-guided"
     head = manifest.head("norm-guided")
-    assert [f.model_dump() for f in head.files] == raw["files"] == [f.model_dump() for f in manifest.files]
+    assert [f.model_dump(include=set(FILE_FIELDS_V1)) for f in head.files] == raw["files"]
+    assert all(f.precision == "fp32" and f.cpu_features == [] and f.parity is None for f in manifest.files)
     assert head.method.model_dump(exclude={"name"}) == {k: v for k, v in raw["method"].items() if k != "name"}
     assert head.thresholds.model_dump(exclude_none=True) == raw["thresholds"]
     assert head.metrics == raw["metrics"] and head.outputs == OutputSpec()
@@ -93,3 +95,29 @@ def test_a_version_3_manifest_round_trips_with_both_heads_and_checks_them():
     ]:
         with pytest.raises(ValidationError, match=message):
             Manifest.model_validate(broken)
+
+
+def test_a_version_3_manifest_reads_as_version_4_with_fp32_files_that_need_no_cpu_features():
+    manifest = Manifest.model_validate_json(DEMO_MANIFEST.read_text())
+    raw = json.loads(manifest.model_dump_json())
+    for entry in raw["heads"][0]["files"]:
+        for key in ("precision", "cpu_features", "parity"):
+            del entry[key]
+    assert Manifest.model_validate({**raw, "version": 3}) == manifest
+
+
+PARITY = {"images": 40, "verdict_agreement": 1.0, "max_abs_score_delta": 0.01, "image_auroc_delta": -0.2,
+          "min_verdict_agreement": 0.995, "max_image_auroc_drop": 0.5}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"precision": "int8"}, "int8 file needs parity figures"),
+    ({"parity": PARITY}, "fp32 file has no parity figures"),
+    ({"path": "../model.pt2"}, "should match pattern"),
+    ({"path": "sub/model.pt2"}, "should match pattern"),
+])
+def test_a_file_entry_states_parity_exactly_below_fp32_and_is_a_plain_file_name(entry, message):
+    valid = {"path": "model.ov.xml", "format": "openvino-ir", "target": "cpu", "sha256": "0" * 64}
+    BundleFile.model_validate({**valid, "precision": "int8", "parity": PARITY, "cpu_features": ["avx2"]})
+    with pytest.raises(ValidationError, match=message):
+        BundleFile.model_validate({**valid, **entry})

@@ -107,11 +107,11 @@ def verify_bundle(root: Path, trusted_keys: TrustedKeys | None, copy_dir: Path) 
     signer = _check_signature(root, manifest_sha256, trusted_keys) if trusted_keys is not None else None
     manifest = _parse_manifest(manifest_path, manifest_bytes)
     copies = {}
-    for index, entry in enumerate(manifest.files):
+    for entry in manifest.files:
         source = (root / entry.path).resolve()
-        if root.resolve() not in source.parents:
+        if source.parent != root.resolve():  # a link out of the bundle (the manifest allows file names only)
             raise BundleError(f"{manifest_path}: file {entry.path!r} lies outside the bundle")
-        # Numbered copies keep the original suffix (torch's loaders look at it), never its folders.
-        copies[entry.path] = copy_dir / f"{index}-{source.name}"
+        # Copies keep their names: loaders look at suffixes, and OpenVINO finds an IR's weights beside it.
+        copies[entry.path] = copy_dir / entry.path
         _copy_verified(source, copies[entry.path], entry.sha256)
     return VerifiedBundle(root, manifest, manifest_sha256, signer, copies)
