@@ -47,7 +47,7 @@ def main() -> None:
             program = export_head(graph, size, max(BATCHES))
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
-                package = compile_aoti_package(program, Path(tmp) / "model.cpu.pt2")
+                package, _ = compile_aoti_package(program, Path(tmp) / "model.cpu.pt2")
                 aoti = torch._inductor.aoti_load_package(str(package))
                 compile_s = time.perf_counter() - start
                 runners = {"eager": (graph, "-"), "exported-cpu": (program.module(), "-"),

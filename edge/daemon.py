@@ -254,7 +254,8 @@ class Daemon:
         self.notifier.ready(f"serving {self.model_ref().name} {self.model_ref().version} "
                             f"({self.model.head.name} head) on {self.model.backend.key}")
         self.log.info("ready", model=self.model_ref().model_dump(), backend=self.model.backend.key,
-                      signed_by=self.model.bundle.signer,
+                      file=self.model.file.path, precision=self.model.file.precision,
+                      passed_over=self.model.passed_over, signed_by=self.model.bundle.signer,
                       images_per_second={size: round(rate, 2) for size, rate in self.model.batch_rates.items()},
                       batch=self.settings.inference.max_batch or self.model.best_batch, zmq=self.settings.zmq.bind,
                       mqtt=f"{self.settings.mqtt.host}:{self.settings.mqtt.port}", prefix=self.settings.topic_prefix,
@@ -332,7 +333,8 @@ class Daemon:
         self.metrics.reloads.labels("swapped").inc()
         self._set_condition("backend", None)  # a fresh backend; publishes the new model's identity too
         self.log.info("reload_done", old=self.model_ref(old).model_dump(), new=self.model_ref(new).model_dump(),
-                      backend=new.backend.key, signed_by=new.bundle.signer)
+                      backend=new.backend.key, file=new.file.path, precision=new.file.precision,
+                      passed_over=new.passed_over, signed_by=new.bundle.signer)
 
     # ---- shutdown ----------------------------------------------------------------------------
     def _drain(self) -> int:

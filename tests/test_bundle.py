@@ -16,6 +16,9 @@ from edge.runtime.loader import batch_sizes, load_model
 from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest, ThresholdSpec, sha256_file
 from trainer.cli import main
 from trainer.evaluate import load_run
+from trainer.export.aoti import X86_64_V3_FEATURES
+
+DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "demo" / "bundle"
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +50,7 @@ def test_manifest_describes_the_bundle(bundle: Path, tiny_run: Path):
     assert head.thresholds.image == thresholds["false_reject_rate"]["image"]
     assert [(f.path, f.format) for f in head.files] == [("model.pt2", "torch.export"),
                                                         ("model.cpu.pt2", "aoti-package")]
+    assert [f.cpu_features for f in head.files] == [[], list(X86_64_V3_FEATURES)]
     assert len(manifest.provenance.data_fingerprint) == 64
     assert "validation_image_auroc" in head.metrics
     assert not list(bundle.parent.glob(".*partial")), "staging directory left behind"
@@ -155,3 +159,21 @@ def test_a_run_without_radar_json_exports_norm_guided_only_and_refuses_radar(tin
 def test_a_head_the_bundle_lacks_is_refused_naming_the_heads_it_has(bundle):
     with pytest.raises(BundleError, match=r"the bundle has no radar head \(its heads: norm-guided\)$"):
         load_model(bundle, head="radar")
+
+
+def test_a_station_never_starts_a_file_compiled_for_cpu_features_it_lacks(bundle, monkeypatch):
+    # An AVX-only CPU: the AOT package (x86-64-v3) would die with SIGILL; the portable program runs.
+    monkeypatch.setattr("edge.runtime.loader.station_cpu_features", lambda: frozenset({"sse4_2", "avx"}))
+    model = load_model(bundle, "auto")
+    assert (model.backend.key, model.file.path) == ("exported-cpu", "model.pt2")
+    assert model.passed_over == ["model.cpu.pt2 needs CPU features this station lacks: abm, avx2, bmi1, bmi2, cx16, "
+                                 "f16c, fma, lahf_lm, movbe, popcnt, sse4_1, ssse3, xsave"]
+    with pytest.raises(BundleError, match=r"no backend aoti-cpu on this machine can run .*model\.cpu\.pt2 needs CPU "
+                                          r"features this station lacks: abm, avx2"):
+        load_model(bundle, "aoti-cpu")
+
+
+def test_the_demo_bundle_runs_where_no_cpu_feature_can_be_read(monkeypatch):
+    monkeypatch.setattr("edge.runtime.loader.station_cpu_features", lambda: frozenset())
+    model = load_model(DEMO_BUNDLE, "auto")
+    assert model.backend.key == "exported-cpu" and model.passed_over == []

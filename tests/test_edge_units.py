@@ -233,3 +233,11 @@ def test_edge_serve_refuses_bad_settings_in_one_line(tmp_path, content, expected
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
+
+
+def test_cpu_features_are_the_flags_line_of_cpuinfo():
+    from edge.runtime.cpu_features import parse_cpu_flags
+
+    cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma\nbugs\t\t: sysret_ss_attrs\n"
+    assert parse_cpu_flags(cpuinfo) == {"fpu", "sse2", "avx2", "fma"}
+    assert parse_cpu_flags("processor\t: 0\n") == frozenset()

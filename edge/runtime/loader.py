@@ -14,6 +14,7 @@ import numpy as np
 from edge.runtime.aoti import AotiCpuBackend
 from edge.runtime.backend import Backend, BackendUnavailable
 from edge.runtime.bundle import BundleError, VerifiedBundle, verify_bundle
+from edge.runtime.cpu_features import station_cpu_features
 from edge.runtime.exported import ExportedCpuBackend, ExportedCudaBackend
 from edge.runtime.tensorrt import TensorRTBackend
 from protocols.bundle import BundleFile, HeadName, HeadSpec, RadarSpec
@@ -32,9 +33,11 @@ MIN_TIMING_S = 0.5
 @dataclass
 class LoadedModel:
     bundle: VerifiedBundle
-    head: HeadSpec  # the head served: its files are what the backend runs, its thresholds decide
+    head: HeadSpec  # the head served: its thresholds decide
+    file: BundleFile  # the head's file the backend runs
     backend: Backend
     batch_rates: dict[int, float]  # images/s per batch size, measured at load
+    passed_over: list[str]  # the head's files this CPU cannot run, and why
 
     @property
     def best_batch(self) -> int:
@@ -65,16 +68,22 @@ def select_head(bundle: VerifiedBundle, choice: str) -> HeadSpec:
     return head
 
 
-def _candidates(head: HeadSpec, choice: str) -> list[tuple[type[Backend], BundleFile]]:
-    found = []
+def _candidates(head: HeadSpec, choice: str) -> tuple[list[tuple[type[Backend], BundleFile]], list[str]]:
+    """Every (backend, file) pair this machine can run, and the files passed over because the CPU
+    lacks a feature they were compiled for."""
+    found, passed_over = [], []
+    cpu = station_cpu_features()
     for backend in BACKENDS:
-        if choice not in ("auto", backend.key):
+        if choice not in ("auto", backend.key) or not backend.available():
             continue
         for entry in head.files:
-            if entry.format in backend.formats and backend.available():
+            if entry.format not in backend.formats:
+                continue
+            if missing := sorted(set(entry.cpu_features) - cpu):
+                passed_over.append(f"{entry.path} needs CPU features this station lacks: {', '.join(missing)}")
+            else:
                 found.append((backend, entry))
-                break
-    return found
+    return found, passed_over
 
 
 def batch_sizes(max_batch: int) -> list[int]:
@@ -121,11 +130,12 @@ def load_model(root: Path, choice: str = "auto", trusted_keys_dir: Path | None =
 
 def _load_verified(bundle: VerifiedBundle, head: HeadSpec, choice: str) -> LoadedModel:
     root = bundle.root
-    candidates = _candidates(head, choice)
+    candidates, passed_over = _candidates(head, choice)
     if not candidates:
         formats = sorted({f.format for f in head.files})
         raise BundleError(f"{root}: no backend {'' if choice == 'auto' else choice + ' '}on this machine "
-                          f"can run the {head.name} head's files ({', '.join(formats)})")
+                          f"can run the {head.name} head's files ({', '.join(formats)})"
+                          + "".join(f"; {reason}" for reason in passed_over))
     loaded = []
     for backend_type, entry in candidates:
         path = root / entry.path
@@ -140,7 +150,7 @@ def _load_verified(bundle: VerifiedBundle, head: HeadSpec, choice: str) -> Loade
         except Exception as err:
             raise BundleError(f"{path}: fails its warm-up on {backend_type.key}: "
                               f"{type(err).__name__}: {_first_line(err)}") from err
-        loaded.append(LoadedModel(bundle, head, backend, rates))
+        loaded.append(LoadedModel(bundle, head, entry, backend, rates, passed_over))
     if not loaded:
         raise BundleError(f"{root}: none of the candidate backends could start here")
     return max(loaded, key=lambda m: m.images_per_second)

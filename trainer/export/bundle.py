@@ -23,7 +23,7 @@ from protocols.signing import load_private_key
 from trainer import run_dir as files
 from trainer.config import ConfigError
 from trainer.evaluate import load_run
-from trainer.export.aoti import compile_aoti_package
+from trainer.export.aoti import can_compile_here, compile_aoti_package
 from trainer.export.program import export_head
 from trainer.export.signing import sign_bundle
 from trainer.radar import BLUR_KSIZE, SOBEL_KSIZE
@@ -88,6 +88,9 @@ def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int =
         raise ConfigError(f"{out}: bundle directory exists and is not empty")
     if sign_key is not None:
         load_private_key(sign_key)  # a bad key fails now, not after the compile
+    if target in ("cpu", "all") and not can_compile_here():
+        raise ConfigError(f"--target {target}: the CPU package is compiled for x86-64 stations, on an x86-64 machine; "
+                          "export --target portable (or tensorrt) here")
     size, heads = _run_heads(run, head)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -131,9 +134,9 @@ def _cpu_files(program: torch.export.ExportedProgram, staging: Path, stem: str, 
     torch.export.save(program, path)
     entries = [BundleFile(path=path.name, format="torch.export", target="cpu", sha256=sha256_file(path))]
     if target in ("cpu", "all"):
-        package = compile_aoti_package(program, staging / f"{stem}.cpu.pt2")
+        package, cpu_features = compile_aoti_package(program, staging / f"{stem}.cpu.pt2")
         entries.append(BundleFile(path=package.name, format="aoti-package", target="cpu",
-                                  sha256=sha256_file(package)))
+                                  sha256=sha256_file(package), cpu_features=cpu_features))
     return entries
 
 
