@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from edge.runtime.cpu_features import station_cpu_features
+
 SGEMM_SIZES = (1024, 2048, 3072)
 
 
@@ -28,9 +30,17 @@ def memory_gib() -> float | None:
     return total_kib / 2**20
 
 
+def vector_extensions() -> str:
+    """The wide-vector and low-precision extensions the CPU reports: the same cloud machine type has
+    come with AVX-512/VNNI/BF16 on some days and AVX2 only on others."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return " ".join(f for f in wanted if f in station_cpu_features()) or "none of AVX2/AVX-512"
+
+
 def describe() -> str:
     memory = memory_gib()
-    return (f"{cpu_model()}, {os.cpu_count()} logical cores, "
+    return (f"{cpu_model()} ({vector_extensions()}; torch kernels: {torch.backends.cpu.get_cpu_capability()}), "
+            f"{os.cpu_count()} logical cores, "
             f"{f'{memory:.0f} GiB RAM, ' if memory else ''}{platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, torch {torch.__version__} "
             f"({torch.get_num_threads()} intra-op threads)")
