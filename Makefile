@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[edge,trainer,dev,demo]"
+	# OpenVINO's converter and NNCF report usage to Google Analytics unless told not to.
+	$(VENV)/bin/opt_in_out --opt_out
 	touch $@
 
 test: $(VENV)/.installed

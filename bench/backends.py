@@ -1,8 +1,10 @@
 """Inference backends per profile and head: the eager module, the exported program (what
-`exported-cpu` runs) and the AOTInductor package (`aoti-cpu`, compiled as `trainer export` compiles
-it): images/s at batch 1, 4 and 8, and FLOP efficiency — achieved GFLOP/s over this machine's sgemm
-peak, measured at the start of the same run. Weights are random (speed does not depend on them);
-the graphs are the bundle's graphs.
+`exported-cpu` runs), the AOTInductor package (`aoti-cpu`, compiled as `trainer export` compiles
+it) and the OpenVINO IR, fp32 and INT8 (`openvino-cpu`, converted and quantised as `trainer export`
+does, compiled as a station compiles it): images/s at batch 1, 4 and 8, and FLOP efficiency —
+achieved GFLOP/s over this machine's sgemm peak, measured at the start of the same run. Weights
+are random and INT8 is calibrated on random images (speed depends on neither); the graphs are the
+bundle's graphs.
 
     .venv/bin/python bench/backends.py [--profiles tiny small] [--seconds 5]
 """
@@ -14,10 +16,13 @@ from pathlib import Path
 
 import torch
 
+from edge.runtime.openvino import compile_cpu
 from machine import sgemm_peak_gflops
 from model_cost import gflop_per_image, inference_heads
+from protocols.bundle import InputSpec
 from timing import images_per_second, random_images
 from trainer.export.aoti import compile_aoti_package
+from trainer.export.openvino import quantise, to_openvino
 from trainer.export.program import export_head
 from trainer.model import DiffusionAD
 from trainer.profiles import PROFILES
@@ -34,7 +39,8 @@ def main() -> None:
     peak = sgemm_peak_gflops()
     print("### Inference backends\n")
     print(f"sgemm peak measured in this run: **{peak:.1f} GFLOP/s** (fp32 `torch.mm`, best of "
-          "1024², 2048², 3072²). Cells: images/s (GFLOP/s as % of that peak).\n")
+          "1024², 2048², 3072²). Cells: images/s (GFLOP/s as % of that peak). The INT8 file is calibrated on "
+          "random images: its speed does not depend on what it was calibrated on.\n")
     print("| profile | head | GFLOP / image | backend | " + " | ".join(f"b={b}" for b in BATCHES)
           + f" | vs eager at b={BATCHES[-1]} | compile s |")
     print("|---|---|---|---|" + "---|" * len(BATCHES) + "---|---|")
@@ -51,7 +57,8 @@ def main() -> None:
                 aoti = torch._inductor.aoti_load_package(str(package))
                 compile_s = time.perf_counter() - start
                 runners = {"eager": (graph, "-"), "exported-cpu": (program.module(), "-"),
-                           "aoti-cpu": (aoti, f"{compile_s:.0f}")}
+                           "aoti-cpu": (aoti, f"{compile_s:.0f}"),
+                           **openvino_runners(program, InputSpec(height=size, width=size, max_batch=max(BATCHES)))}
                 eager_last = None
                 for backend, (run, compile_text) in runners.items():
                     rates = [images_per_second(run, random_images(b, size), args.seconds) for b in BATCHES]
@@ -59,6 +66,24 @@ def main() -> None:
                     cells = " | ".join(f"{r:.2f} ({100 * r * gflop / peak:.0f} %)" for r in rates)
                     print(f"| {name} | {head} | {gflop:.1f} | {backend} | {cells} | {rates[-1] / eager_last:.2f}× "
                           f"| {compile_text} |", flush=True)
+
+
+def openvino_runners(program: torch.export.ExportedProgram, spec: InputSpec) -> dict:
+    """The fp32 and INT8 IR as runners of uint8 tensors, each with its conversion (and
+    quantisation) seconds."""
+    start = time.perf_counter()
+    fp32 = to_openvino(program, spec)
+    convert_s = time.perf_counter() - start
+    start = time.perf_counter()
+    int8 = quantise(fp32, random_images(spec.max_batch, spec.height).numpy())
+    quantise_s = time.perf_counter() - start
+    return {"openvino-cpu fp32": (_uint8_runner(fp32), f"{convert_s:.0f}"),
+            "openvino-cpu int8": (_uint8_runner(int8), f"{convert_s + quantise_s:.0f}")}
+
+
+def _uint8_runner(model):
+    compiled = compile_cpu(model)
+    return lambda images: compiled(images.numpy())
 
 
 if __name__ == "__main__":

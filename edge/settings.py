@@ -58,12 +58,12 @@ class MqttSettings(_Section):
 
 
 # The keys of edge.runtime.loader.BACKENDS (a test keeps them equal; torch is not imported here).
-BackendChoice = Literal["auto", "tensorrt", "exported-cuda", "aoti-cpu", "exported-cpu"]
+BackendChoice = Literal["auto", "tensorrt", "exported-cuda", "aoti-cpu", "openvino-cpu", "exported-cpu"]
 
 
 class InferenceSettings(_Section):
     backend: BackendChoice = Field("auto", description="auto (the fastest this machine runs), tensorrt, "
-                                   "exported-cuda, aoti-cpu or exported-cpu")
+                                   "exported-cuda, aoti-cpu, openvino-cpu or exported-cpu")
     head: Literal["auto", "norm-guided", "radar"] = Field(
         "auto", description="the bundle's head to serve; auto: the one it recommends (better on validation)")
     max_batch: int | None = Field(None, gt=0, description="frames per inference batch (at most the bundle's "

@@ -1,6 +1,10 @@
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+
+from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, sha256_file
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -41,10 +45,30 @@ def bundles(tiny_run: Path, tmp_path_factory) -> tuple[Path, Path]:
     from trainer.cli import main
 
     root = tmp_path_factory.mktemp("daemon-bundles")
-    for name in ("a", "b"):
-        assert main(["export", str(tiny_run), "--out", str(root / name), "--max-batch", "16",
-                     "--target", "portable"]) == 0
+    assert main(["export", str(tiny_run), "--out", str(root / "a"), "--max-batch", "16", "--target", "portable"]) == 0
+    # The same files under another identity: a second export would only cost time.
+    shutil.copytree(root / "a", root / "b")
+    manifest = json.loads((root / "b" / MANIFEST_NAME).read_text())
+    manifest["model"]["version"] += "-b"
+    (root / "b" / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    (root / "b" / MANIFEST_DIGEST_NAME).write_text(sha256_file(root / "b" / MANIFEST_NAME))
     return root / "a", root / "b"
+
+
+@pytest.fixture(scope="session")
+def cpu_bundle(tiny_run: Path, tmp_path_factory) -> tuple[Path, str]:
+    """One `--target cpu` bundle of both heads (program, AOT package, OpenVINO IR fp32 and, within
+    parity, INT8), shared because compiling it is the slowest export; and what the export printed."""
+    import contextlib
+    import io
+
+    from trainer.cli import main
+
+    out = tmp_path_factory.mktemp("cpu-bundle") / "tiny"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", str(tiny_run), "--out", str(out), "--target", "cpu", "--max-batch", "4"]) == 0
+    return out, printed.getvalue()
 
 
 @pytest.fixture(scope="session")

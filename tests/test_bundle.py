@@ -24,11 +24,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_run: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    assert main(["export", str(tiny_run), "--out", str(out), "--target", "cpu", "--max-batch", "4",
-                 "--head", "norm-guided"]) == 0
-    return out
+def bundle(cpu_bundle) -> Path:
+    return cpu_bundle[0]
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +40,15 @@ def eager_reference(tiny_run: Path, datasets_dir: Path):
 def test_manifest_describes_the_bundle(bundle: Path, tiny_run: Path):
     manifest = Manifest.model_validate_json((bundle / MANIFEST_NAME).read_text())
     thresholds = json.loads((tiny_run / "thresholds.json").read_text())
-    assert manifest.version == 4 and manifest.head_names == ["norm-guided"] == [manifest.recommended_head]
+    assert manifest.version == 4 and manifest.head_names == ["norm-guided", "radar"]
     head = manifest.head("norm-guided")
     assert manifest.input.height == manifest.input.width == 64 and manifest.input.max_batch == 4
     assert (head.method.t_s, head.method.t_b, head.method.top_k) == (200, 400, 50)
     assert head.thresholds.image == thresholds["false_reject_rate"]["image"]
-    assert [(f.path, f.format) for f in head.files] == [("model.pt2", "torch.export"),
-                                                        ("model.cpu.pt2", "aoti-package")]
-    assert [f.cpu_features for f in head.files] == [[], list(X86_64_V3_FEATURES)]
+    assert [(f.path, f.format) for f in head.files][:4] == [
+        ("model.pt2", "torch.export"), ("model.cpu.pt2", "aoti-package"), ("model.ov.xml", "openvino-ir"),
+        ("model.ov.bin", "openvino-weights")]  # then the INT8 IR if it passed parity (tests/test_openvino.py)
+    assert [f.cpu_features for f in head.files][:2] == [[], list(X86_64_V3_FEATURES)]
     assert len(manifest.provenance.data_fingerprint) == 64
     assert "validation_image_auroc" in head.metrics
     assert not list(bundle.parent.glob(".*partial")), "staging directory left behind"
@@ -80,13 +78,15 @@ def test_every_backend_matches_eager_with_identical_verdicts(bundle, eager_refer
 
 
 def test_auto_picks_a_warmed_up_backend(bundle, eager_reference):
-    model = load_model(bundle, "auto")
-    assert model.backend.key in ("exported-cpu", "aoti-cpu") and model.images_per_second > 0
+    model = load_model(bundle, "auto", head="norm-guided")
+    assert model.backend.key in ("exported-cpu", "aoti-cpu", "openvino-cpu") and model.images_per_second > 0
     assert list(model.batch_rates) == batch_sizes(4) and all(rate > 0 for rate in model.batch_rates.values())
     assert model.images_per_second == max(model.batch_rates.values())
     assert model.batch_rates[model.best_batch] == model.images_per_second
     images, _, ref_scores = eager_reference
-    np.testing.assert_allclose(model.infer(images)[1], ref_scores, rtol=0, atol=1e-4)
+    # An INT8 file, if the fastest, keeps its verdicts within the parity it was shipped with, not every digit.
+    tolerance = 1e-4 if model.file.precision == "fp32" else 1e-2
+    np.testing.assert_allclose(model.infer(images)[1], ref_scores, rtol=0, atol=tolerance)
 
 
 @pytest.mark.parametrize(("max_batch", "sizes"), [(1, [1]), (2, [1, 2]), (6, [1, 2, 4, 6]), (8, [1, 2, 4, 8])])
@@ -94,7 +94,7 @@ def test_batch_sizes_timed_at_load_are_powers_of_two_and_the_maximum(max_batch, 
     assert batch_sizes(max_batch) == sizes
 
 
-@pytest.mark.parametrize("name", ["manifest.json", "manifest.sha256", "model.pt2", "model.cpu.pt2"])
+@pytest.mark.parametrize("name", ["manifest.json", "manifest.sha256", "model.pt2", "model.cpu.pt2", "model.ov.bin"])
 def test_a_one_byte_change_to_any_file_is_refused_naming_it(bundle, tmp_path, name):
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
@@ -154,23 +154,20 @@ def test_a_run_without_radar_json_exports_norm_guided_only_and_refuses_radar(tin
     assert "no radar.json: norm-guided head only" in capsys.readouterr().out
     manifest = Manifest.model_validate_json((tmp_path / "both" / MANIFEST_NAME).read_text())
     assert manifest.head_names == ["norm-guided"] and manifest.recommended_head == "norm-guided"
-
-
-def test_a_head_the_bundle_lacks_is_refused_naming_the_heads_it_has(bundle):
     with pytest.raises(BundleError, match=r"the bundle has no radar head \(its heads: norm-guided\)$"):
-        load_model(bundle, head="radar")
+        load_model(tmp_path / "both", head="radar")
 
 
 def test_a_station_never_starts_a_file_compiled_for_cpu_features_it_lacks(bundle, monkeypatch):
     # An AVX-only CPU: the AOT package (x86-64-v3) would die with SIGILL; the portable program runs.
     monkeypatch.setattr("edge.runtime.loader.station_cpu_features", lambda: frozenset({"sse4_2", "avx"}))
-    model = load_model(bundle, "auto")
-    assert (model.backend.key, model.file.path) == ("exported-cpu", "model.pt2")
+    model = load_model(bundle, "auto", head="norm-guided")
+    assert model.file.path != "model.cpu.pt2" and model.backend.key in ("exported-cpu", "openvino-cpu")
     assert model.passed_over == ["model.cpu.pt2 needs CPU features this station lacks: abm, avx2, bmi1, bmi2, cx16, "
                                  "f16c, fma, lahf_lm, movbe, popcnt, sse4_1, ssse3, xsave"]
     with pytest.raises(BundleError, match=r"no backend aoti-cpu on this machine can run .*model\.cpu\.pt2 needs CPU "
                                           r"features this station lacks: abm, avx2"):
-        load_model(bundle, "aoti-cpu")
+        load_model(bundle, "aoti-cpu", head="norm-guided")
 
 
 def test_the_demo_bundle_runs_where_no_cpu_feature_can_be_read(monkeypatch):

@@ -16,11 +16,13 @@ from edge.runtime.backend import Backend, BackendUnavailable
 from edge.runtime.bundle import BundleError, VerifiedBundle, verify_bundle
 from edge.runtime.cpu_features import station_cpu_features
 from edge.runtime.exported import ExportedCpuBackend, ExportedCudaBackend
+from edge.runtime.openvino import OpenVinoCpuBackend
 from edge.runtime.tensorrt import TensorRTBackend
 from protocols.bundle import BundleFile, HeadName, HeadSpec, RadarSpec
 from protocols.signing import SignatureError, load_trusted_keys
 
-BACKENDS: tuple[type[Backend], ...] = (TensorRTBackend, ExportedCudaBackend, AotiCpuBackend, ExportedCpuBackend)
+BACKENDS: tuple[type[Backend], ...] = (TensorRTBackend, ExportedCudaBackend, AotiCpuBackend, OpenVinoCpuBackend,
+                                       ExportedCpuBackend)
 BACKEND_KEYS = ("auto", *(b.key for b in BACKENDS))
 HEAD_CHOICES = ("auto", *get_args(HeadName))
 

@@ -2,9 +2,9 @@
 
 A bundle holds the run's heads (norm-guided; RADAR if the run has radar.json), each its own graph
 over the same denoiser weights. Per head, always the portable torch.export program (runs on CPU and
-CUDA; `portable` stops there); `cpu` adds an AOTInductor package (the station times both when it
-loads the bundle and runs the faster); `tensorrt` adds torch-tensorrt engines (built on the target
-GPU class); `all` both."""
+CUDA; `portable` stops there); `cpu` adds an AOTInductor package and OpenVINO IR files, fp32 and
+INT8 (the station times them all when it loads the bundle and runs the fastest); `tensorrt` adds
+torch-tensorrt engines (built on the target GPU class); `all` both."""
 
 import shutil
 from dataclasses import dataclass
@@ -13,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from protocols.bundle import (
@@ -22,8 +23,10 @@ from protocols.bundle import (
 from protocols.signing import load_private_key
 from trainer import run_dir as files
 from trainer.config import ConfigError
+from trainer.data.mvtec import DataError
 from trainer.evaluate import load_run
 from trainer.export.aoti import can_compile_here, compile_aoti_package
+from trainer.export.openvino import HeldOut, load_held_out, openvino_files
 from trainer.export.program import export_head
 from trainer.export.signing import sign_bundle
 from trainer.radar import BLUR_KSIZE, SOBEL_KSIZE
@@ -31,8 +34,8 @@ from trainer.radar_fit import load_radar
 
 Target = Literal["portable", "cpu", "tensorrt", "all"]
 HeadChoice = Literal["norm-guided", "radar", "both"]
-# Each head's files are <stem>.pt2, <stem>.cpu.pt2, <stem>.trt.ep; the norm-guided head keeps the
-# names of version 2 bundles.
+# Each head's files are <stem>.pt2, <stem>.cpu.pt2, <stem>.ov.xml/.bin, <stem>.int8.ov.xml/.bin,
+# <stem>.trt.ep; the norm-guided head keeps the names of version 2 bundles.
 FILE_STEMS = {"norm-guided": "model", "radar": "radar"}
 TEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
 
@@ -52,6 +55,14 @@ class _Head:
         if self.test is not None:
             metrics.update({k: self.test[k] for k in TEST_METRICS})
         return metrics
+
+    @property
+    def image_threshold(self) -> float:
+        return self.thresholds[self.thresholds["default"]]["image"]
+
+    def image_scores(self, second: np.ndarray) -> np.ndarray:
+        """The graph's second output as image scores: RADAR's features go through its one-class model."""
+        return self.method.one_class.score(second) if isinstance(self.method, RadarSpec) else second
 
 
 def _run_heads(run: Path, choice: HeadChoice) -> tuple[int, list[_Head]]:
@@ -97,11 +108,13 @@ def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int =
     staging.mkdir(parents=True)
     try:
         programs = {h.name: export_head(h.graph, size, max_batch) for h in heads}
+        spec = InputSpec(height=size, width=size, max_batch=max_batch)
+        held_out = _held_out(run) if target in ("cpu", "all") else None
         manifest = Manifest(
             model=ModelIdentity(name=run.resolve().name,
                                 version=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")),
-            input=InputSpec(height=size, width=size, max_batch=max_batch),
-            heads=[HeadSpec(name=h.name, files=_cpu_files(programs[h.name], staging, FILE_STEMS[h.name], target),
+            input=spec,
+            heads=[HeadSpec(name=h.name, files=_cpu_files(programs[h.name], staging, h, target, spec, held_out),
                             method=h.method, thresholds=ThresholdSpec.model_validate(
                                 h.thresholds[h.thresholds["default"]]),
                             metrics=h.metrics(), outputs=h.outputs) for h in heads],
@@ -126,10 +139,22 @@ def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int =
     return manifest
 
 
-def _cpu_files(program: torch.export.ExportedProgram, staging: Path, stem: str, target: Target) -> list[BundleFile]:
-    """The portable program, and for `cpu`/`all` the AOTInductor package, kept beside it whatever
-    its speed here: the station times both at every batch size when it loads the bundle and runs
-    the faster one on its own CPU."""
+def _held_out(run: Path) -> HeldOut | None:
+    """The run's held-out images, which the INT8 files are calibrated and checked on; without them
+    (the data folder gone or changed) the export goes on without INT8 files and says why."""
+    try:
+        return load_held_out(run)
+    except DataError as err:
+        print(f"INT8 OpenVINO files skipped: the run's held-out images are unavailable: {err}")
+        return None
+
+
+def _cpu_files(program: torch.export.ExportedProgram, staging: Path, head: _Head, target: Target, spec: InputSpec,
+               held_out: HeldOut | None) -> list[BundleFile]:
+    """The portable program, and for `cpu`/`all` the AOTInductor package and the OpenVINO files,
+    kept beside it whatever their speed here: the station times them all at every batch size when
+    it loads the bundle and runs the fastest on its own CPU."""
+    stem = FILE_STEMS[head.name]
     path = staging / f"{stem}.pt2"
     torch.export.save(program, path)
     entries = [BundleFile(path=path.name, format="torch.export", target="cpu", sha256=sha256_file(path))]
@@ -137,6 +162,8 @@ def _cpu_files(program: torch.export.ExportedProgram, staging: Path, stem: str, 
         package, cpu_features = compile_aoti_package(program, staging / f"{stem}.cpu.pt2")
         entries.append(BundleFile(path=package.name, format="aoti-package", target="cpu",
                                   sha256=sha256_file(package), cpu_features=cpu_features))
+        entries += openvino_files(program, spec, staging, stem, head.name, head.image_scores, head.image_threshold,
+                                  held_out)
     return entries
 
 

@@ -1,0 +1,169 @@
+"""A head's OpenVINO IR files: fp32, and INT8 by NNCF post-training quantisation.
+
+Both are converted from the head's torch.export program, so they compute the bundle's graph:
+uint8 [B, H, W, 3] in, B from 1 to the bundle's max_batch. The fp32 IR must match the program
+(export refuses otherwise). The INT8 IR is calibrated on the selection split only and shipped only
+if it decides like the fp32 program on the run's held-out images (the selection split's good
+images and synthetic defects, and the calibration images; never the test set)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nncf
+import numpy as np
+import openvino as ov
+import torch
+
+from edge.runtime.openvino import compile_cpu
+from protocols.bundle import BundleFile, InputSpec, ParitySpec, Precision, sha256_file
+from trainer import run_dir as files
+from trainer.config import ConfigError, TrainConfig
+from trainer.data.mvtec import DataError
+from trainer.evaluate import score_in_batches
+from trainer.evaluation.metrics import image_auroc
+from trainer.training import prepare_data
+
+# Verdicts are what the line acts on: a reduced-precision file may change at most 1 in 200 (with
+# fewer held-out images than 200, none).
+MIN_VERDICT_AGREEMENT = 0.995
+# Ranking good against defective parts is what no threshold can repair afterwards: at most half a
+# point of image AUROC (good vs synthetic) may be lost.
+MAX_IMAGE_AUROC_DROP = 0.5
+# The fp32 IR runs the program's arithmetic in another order: maps and scores in [0, 1] may differ
+# by rounding (FP32_ATOL), RADAR's features, norms in the tens, by rounding relative to their size.
+FP32_ATOL = 1e-4
+FP32_RTOL = 1e-5
+
+ImageScores = Callable[[np.ndarray], np.ndarray]  # a graph's second output → the head's image scores
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The run's held-out images, uint8 [N, H, W, 3]."""
+    good: np.ndarray  # the selection split's good images
+    synthetic: np.ndarray  # their synthetic defects
+    calibration: np.ndarray  # the good images that set the thresholds
+
+    @property
+    def selection(self) -> np.ndarray:
+        return np.concatenate([self.good, self.synthetic])
+
+    @property
+    def images(self) -> np.ndarray:
+        """The selection split first, then the calibration images: the order `defective` labels."""
+        return np.concatenate([self.selection, self.calibration])
+
+    @property
+    def defective(self) -> np.ndarray:
+        return np.r_[np.zeros(len(self.good), bool), np.ones(len(self.synthetic), bool)]
+
+
+def unit_range_to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
+    """float [N, 3, H, W] in [-1, 1] → uint8 [N, H, W, 3]: the inverse of
+    trainer.fused.uint8_nhwc_to_unit_range, exact for images that were uint8."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def load_held_out(run: Path) -> HeldOut:
+    """The run's held-out images, rebuilt from the data folder config.json records (the split is
+    seeded); DataError if the folder is gone or its training images changed since the run."""
+    config = files.read_json(run / files.CONFIG)
+    recorded = config["data"]
+    data = prepare_data(Path(recorded["path"]), TrainConfig.model_validate(config["train"]))
+    if data.fingerprint != recorded["fingerprint"]:
+        raise DataError(f"{recorded['path']}: the training images changed since the run")
+    validation = data.validation
+    return HeldOut(unit_range_to_uint8_nhwc(validation.normal), unit_range_to_uint8_nhwc(validation.anomalous),
+                   data.calibration)
+
+
+def to_openvino(program: torch.export.ExportedProgram, spec: InputSpec) -> ov.Model:
+    """The program as an OpenVINO model; its input keeps the bundle's shape, batch 1..max_batch
+    (conversion leaves every dimension open)."""
+    model = ov.convert_model(program)
+    model.reshape({model.input(0): ov.PartialShape([ov.Dimension(1, spec.max_batch), spec.height, spec.width, 3])})
+    return model
+
+
+def as_graph(compiled: ov.CompiledModel) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """A compiled model called like the program: uint8 NHWC tensor in, its outputs as tensors."""
+    return lambda images: tuple(torch.from_numpy(out) for out in compiled(images.numpy()).to_tuple())
+
+
+def quantise(model: ov.Model, images: np.ndarray) -> ov.Model:
+    """INT8 by NNCF's post-training quantisation, its statistics gathered one image at a time."""
+    dataset = nncf.Dataset([image[None] for image in images])
+    return nncf.quantize(model, dataset, subset_size=len(images))
+
+
+def check_fp32(program: torch.export.ExportedProgram, compiled: ov.CompiledModel, spec: InputSpec, name: str) -> None:
+    """ConfigError unless the fp32 model gives the program's outputs at the largest batch and at
+    batch 1. Random images: conversion errors do not depend on what the pictures show."""
+    images = torch.from_numpy(np.random.default_rng(0).integers(
+        0, 256, (spec.max_batch, spec.height, spec.width, 3), dtype=np.uint8))
+    converted, reference = as_graph(compiled), program.module()
+    with torch.no_grad():
+        for batch in (images, images[:1]):
+            for got, want in zip(converted(batch), reference(batch)):
+                excess = (got - want).abs() - FP32_RTOL * want.abs()
+                if not excess.max() <= FP32_ATOL:  # a NaN fails too
+                    raise ConfigError(f"{name}: the OpenVINO conversion does not compute the program: outputs differ "
+                                      f"by up to {(got - want).abs().max():.3g} at batch {len(batch)}; refusing to "
+                                      "ship it")
+
+
+def measure_parity(fp32: np.ndarray, reduced: np.ndarray, defective: np.ndarray, threshold: float) -> ParitySpec:
+    """A reduced-precision file's scores (finite) against the fp32 program's, on the same images.
+    The first len(defective) images are the selection split (True: a synthetic defect), the image
+    AUROC pair; the rest (the calibration images) count for verdicts and score deltas only."""
+    pair = slice(0, len(defective))
+    auroc_delta = image_auroc(defective, reduced[pair]) - image_auroc(defective, fp32[pair])
+    return ParitySpec(images=len(fp32), verdict_agreement=float(np.mean((fp32 >= threshold) == (reduced >= threshold))),
+                      max_abs_score_delta=float(np.abs(reduced - fp32).max()),
+                      image_auroc_delta=float(100 * auroc_delta), min_verdict_agreement=MIN_VERDICT_AGREEMENT,
+                      max_image_auroc_drop=MAX_IMAGE_AUROC_DROP)
+
+
+def parity_failure(parity: ParitySpec) -> str | None:
+    """The limits the file misses; None if it is within both."""
+    missed = []
+    if not parity.verdict_agreement >= parity.min_verdict_agreement:
+        missed.append(f"verdict agreement below {parity.min_verdict_agreement}")
+    if not -parity.image_auroc_delta <= parity.max_image_auroc_drop:
+        missed.append(f"image AUROC drop over {parity.max_image_auroc_drop} points")
+    return " and ".join(missed) or None
+
+
+def _save(model: ov.Model, xml: Path, precision: Precision, parity: ParitySpec | None) -> list[BundleFile]:
+    """The IR (its graph, and its weights beside it in <name>.bin), both listed with one precision."""
+    ov.save_model(model, xml, compress_to_fp16=False)
+    return [BundleFile(path=path.name, format=kind, target="cpu", sha256=sha256_file(path), precision=precision,
+                       parity=parity)
+            for path, kind in ((xml, "openvino-ir"), (xml.with_suffix(".bin"), "openvino-weights"))]
+
+
+def openvino_files(program: torch.export.ExportedProgram, spec: InputSpec, staging: Path, stem: str, head: str,
+                   image_scores: ImageScores, threshold: float, held_out: HeldOut | None) -> list[BundleFile]:
+    """<stem>.ov.xml/.bin (fp32) and, if `held_out` is given and it passes parity at the head's image
+    `threshold`, <stem>.int8.ov.xml/.bin; a file that fails is left out, and export says why."""
+    model = to_openvino(program, spec)
+    check_fp32(program, compile_cpu(model), spec, f"{stem}.ov.xml")
+    entries = _save(model, staging / f"{stem}.ov.xml", "fp32", None)
+    if held_out is None:
+        return entries
+    images = held_out.images
+    int8 = quantise(model, held_out.selection)
+    _, fp32_second = score_in_batches(program.module(), images, spec.max_batch)
+    _, int8_second = score_in_batches(as_graph(compile_cpu(int8)), images, spec.max_batch)
+    int8_scores = image_scores(int8_second)
+    if not np.isfinite(int8_scores).all():
+        print(f"{head} head: INT8 OpenVINO file not shipped: it scores held-out images NaN or infinite")
+        return entries
+    parity = measure_parity(image_scores(fp32_second), int8_scores, held_out.defective, threshold)
+    if failure := parity_failure(parity):
+        print(f"{head} head: INT8 OpenVINO file not shipped: {failure} (verdict agreement "
+              f"{parity.verdict_agreement:.4f}, image AUROC {parity.image_auroc_delta:+.2f} points, max |Δscore| "
+              f"{parity.max_abs_score_delta:.3g}, on {parity.images} held-out images)")
+        return entries
+    return [*entries, *_save(int8, staging / f"{stem}.int8.ov.xml", "int8", parity)]
