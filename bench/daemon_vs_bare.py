@@ -11,10 +11,11 @@
    timestamp to the verdict arriving at the subscriber, p50 and p99.
 4. The daemon's peak RSS (VmHWM) at the end.
 
-    .venv/bin/python bench/daemon_vs_bare.py [--run RUN] [--head norm-guided|radar] [--rounds 3] [--frames 96]
+    .venv/bin/python bench/daemon_vs_bare.py [--run RUN | --bundle B] [--head norm-guided|radar] [--rounds 3]
 
-Without --run, a `small` model is trained for two steps on the in-repo sample (speed does not
-depend on the weights) and exported with `trainer export --target cpu`.
+Without --run or --bundle, a `small` model is trained for two steps on the in-repo sample (speed
+does not depend on the weights) and exported with `trainer export --target cpu`; --bundle serves
+a bundle already exported (e.g. once for both heads).
 """
 
 import argparse
@@ -107,7 +108,9 @@ def steady_rate(arrivals: list[tuple[float, Result]]) -> tuple[float, list[tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, help="a trained run to export (default: a 2-step small model)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--run", type=Path, help="a trained run to export (default: a 2-step small model)")
+    source.add_argument("--bundle", type=Path, help="an exported bundle to serve instead")
     parser.add_argument("--head", choices=["norm-guided", "radar"], default="norm-guided",
                         help="the bundle head the station serves")
     parser.add_argument("--rounds", type=int, default=3, help="saturation runs, each between two bare timings")
@@ -122,7 +125,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        bundle = build_bundle(args.run, workdir)
+        bundle = args.bundle or build_bundle(args.run, workdir)
         model = load_model(bundle, "auto", head=args.head)
         backend, spec = model.backend.key, model.bundle.manifest.input
         batch = model.best_batch  # what the daemon would choose; it is told, so both use the same

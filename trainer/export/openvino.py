@@ -6,6 +6,8 @@ uint8 [B, H, W, 3] in, B from 1 to the bundle's max_batch. The fp32 IR must matc
 if it decides like the fp32 program on the run's held-out images (the selection split's good
 images and synthetic defects, and the calibration images; never the test set)."""
 
+import contextlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +96,8 @@ def as_graph(compiled: ov.CompiledModel) -> Callable[[torch.Tensor], tuple[torch
 def quantise(model: ov.Model, images: np.ndarray) -> ov.Model:
     """INT8 by NNCF's post-training quantisation, its statistics gathered one image at a time."""
     dataset = nncf.Dataset([image[None] for image in images])
-    return nncf.quantize(model, dataset, subset_size=len(images))
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout carries export's report
+        return nncf.quantize(model, dataset, subset_size=len(images))
 
 
 def check_fp32(program: torch.export.ExportedProgram, compiled: ov.CompiledModel, spec: InputSpec, name: str) -> None:
