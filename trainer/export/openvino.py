@@ -94,10 +94,13 @@ def as_graph(compiled: ov.CompiledModel) -> Callable[[torch.Tensor], tuple[torch
 
 
 def quantise(model: ov.Model, images: np.ndarray) -> ov.Model:
-    """INT8 by NNCF's post-training quantisation, its statistics gathered one image at a time."""
+    """INT8 by NNCF's post-training quantisation, its statistics gathered one image at a time.
+
+    Full bias correction, not NNCF's fast default: on a trained bottle model the default kept 91.7 %
+    of the norm-guided verdicts (image AUROC -7.3 points), full correction all of them (+0.2)."""
     dataset = nncf.Dataset([image[None] for image in images])
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout carries export's report
-        return nncf.quantize(model, dataset, subset_size=len(images))
+        return nncf.quantize(model, dataset, subset_size=len(images), fast_bias_correction=False)
 
 
 def check_fp32(program: torch.export.ExportedProgram, compiled: ov.CompiledModel, spec: InputSpec, name: str) -> None:
