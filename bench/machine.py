@@ -1,16 +1,17 @@
-"""What the figures were measured on, and the machine's measured fp32 matrix-multiply peak: the
-yardstick for FLOP efficiency, measured in the same run as the figures it divides."""
+"""What the figures were measured on, and the machine's measured matrix-multiply peaks (fp32, bf16,
+int8): the yardsticks for FLOP efficiency, measured in the same run as the figures they divide."""
 
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from edge.runtime.cpu_features import station_cpu_features
 
-SGEMM_SIZES = (1024, 2048, 3072)
+GEMM_SIZES = (1024, 2048, 3072)
 
 
 def cpu_model() -> str:
@@ -46,15 +47,27 @@ def describe() -> str:
             f"({torch.get_num_threads()} intra-op threads)")
 
 
-def sgemm_peak_gflops(seconds_per_size: float = 2.0) -> float:
-    """Best fp32 GFLOP/s of square torch.mm over a few sizes (2·n³ FLOPs per product)."""
+def _product(n: int, precision: str) -> Callable[[], torch.Tensor]:
+    """A square matrix product in `precision`: torch.mm in fp32 or bf16 (oneDNN; AMX where the CPU
+    has it), torch._int_mm for int8 (int8 in, int32 accumulated: what VNNI and AMX-INT8 compute)."""
+    if precision == "int8":
+        a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8) for _ in range(2))
+        return lambda: torch._int_mm(a, b)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return lambda: torch.mm(a, b)
+
+
+def gemm_peak_gflops(precision: str = "fp32", seconds_per_size: float = 2.0) -> float:
+    """Best GFLOP/s (int8: GOP/s) of square matrix products in `precision` over a few sizes
+    (2·n³ operations per product)."""
     best = 0.0
-    for n in SGEMM_SIZES:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)  # warm-up
+    for n in GEMM_SIZES:
+        product = _product(n, precision)
+        product()  # warm-up
         products, start = 0, time.perf_counter()
         while products == 0 or time.perf_counter() - start < seconds_per_size:
-            torch.mm(a, b)
+            product()
             products += 1
         best = max(best, 2 * n**3 * products / (time.perf_counter() - start) / 1e9)
     return best
@@ -62,4 +75,5 @@ def sgemm_peak_gflops(seconds_per_size: float = 2.0) -> float:
 
 if __name__ == "__main__":
     print(describe())
-    print(f"sgemm peak: {sgemm_peak_gflops():.1f} GFLOP/s")
+    for precision in ("fp32", "bf16", "int8"):
+        print(f"{precision} GEMM peak: {gemm_peak_gflops(precision):.1f} GFLOP/s")

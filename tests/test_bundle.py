@@ -47,7 +47,7 @@ def test_manifest_describes_the_bundle(bundle: Path, tiny_run: Path):
     assert head.thresholds.image == thresholds["false_reject_rate"]["image"]
     assert [(f.path, f.format) for f in head.files][:4] == [
         ("model.pt2", "torch.export"), ("model.cpu.pt2", "aoti-package"), ("model.ov.xml", "openvino-ir"),
-        ("model.ov.bin", "openvino-weights")]  # then the INT8 IR if it passed parity (tests/test_openvino.py)
+        ("model.ov.bin", "openvino-weights")]  # then INT8 and bf16 IR within parity (tests/test_openvino.py)
     assert [f.cpu_features for f in head.files][:2] == [[], list(X86_64_V3_FEATURES)]
     assert len(manifest.provenance.data_fingerprint) == 64
     assert "validation_image_auroc" in head.metrics
@@ -57,9 +57,9 @@ def test_manifest_describes_the_bundle(bundle: Path, tiny_run: Path):
 def backends_here(bundle: Path):
     """Every backend that runs on this machine, each on its file."""
     manifest = Manifest.model_validate_json((bundle / MANIFEST_NAME).read_text())
-    yield ExportedCpuBackend(bundle / "model.pt2", manifest)
-    aoti = bundle / "model.cpu.pt2"
-    yield AotiCpuBackend(aoti, manifest)
+    entries = {f.path: f for f in manifest.files}
+    for backend, name in ((ExportedCpuBackend, "model.pt2"), (AotiCpuBackend, "model.cpu.pt2")):
+        yield backend(bundle / name, entries[name], manifest)
 
 
 def test_every_backend_matches_eager_with_identical_verdicts(bundle, eager_reference):
@@ -163,8 +163,11 @@ def test_a_station_never_starts_a_file_compiled_for_cpu_features_it_lacks(bundle
     monkeypatch.setattr("edge.runtime.loader.station_cpu_features", lambda: frozenset({"sse4_2", "avx"}))
     model = load_model(bundle, "auto", head="norm-guided")
     assert model.file.path != "model.cpu.pt2" and model.backend.key in ("exported-cpu", "openvino-cpu")
+    bf16 = [f"{f.path} needs CPU features this station lacks: avx512_bf16"
+            for f in Manifest.model_validate_json((bundle / MANIFEST_NAME).read_text()).head("norm-guided").files
+            if f.precision == "bf16" and f.format == "openvino-ir"]  # built where the exporting CPU has bf16
     assert model.passed_over == ["model.cpu.pt2 needs CPU features this station lacks: abm, avx2, bmi1, bmi2, cx16, "
-                                 "f16c, fma, lahf_lm, movbe, popcnt, sse4_1, ssse3, xsave"]
+                                 "f16c, fma, lahf_lm, movbe, popcnt, sse4_1, ssse3, xsave", *bf16]
     with pytest.raises(BundleError, match=r"no backend aoti-cpu on this machine can run .*model\.cpu\.pt2 needs CPU "
                                           r"features this station lacks: abm, avx2"):
         load_model(bundle, "aoti-cpu", head="norm-guided")

@@ -1,5 +1,6 @@
-"""OpenVINO files of a bundle: fp32 IR matching the program, INT8 shipped only within its parity
-limits, and the openvino-cpu backend serving both."""
+"""OpenVINO files of a bundle: fp32 IR matching the program, INT8 and bf16 shipped only within
+their parity limits (bf16 only where the exporting CPU computes it), and the openvino-cpu backend
+serving each at the precision its parity was measured at."""
 
 import json
 import shutil
@@ -12,15 +13,16 @@ from conftest import hazelnut_images
 
 from edge.runtime.exported import ExportedCpuBackend
 from edge.runtime.loader import load_model
+from edge.runtime.cpu_features import station_cpu_features
 from edge.runtime.openvino import OpenVinoCpuBackend
 from protocols.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, Manifest
 from trainer.data.mvtec import DataError, read_rgb
 from trainer.export.bundle import FILE_STEMS
 from trainer.export.openvino import (
-    FP32_ATOL, FP32_RTOL, MAX_IMAGE_AUROC_DROP, MIN_VERDICT_AGREEMENT, load_held_out, measure_parity, parity_failure,
-    unit_range_to_uint8_nhwc,
+    BF16_CPU_FEATURES, FP32_ATOL, FP32_RTOL, MAX_IMAGE_AUROC_DROP, MIN_VERDICT_AGREEMENT, load_held_out, measure_parity,
+    openvino_files, parity_failure,
 )
-from trainer.fused import uint8_nhwc_to_unit_range
+from trainer.fused import uint8_nhwc_to_unit_range, unit_range_to_uint8_nhwc
 
 slow = pytest.mark.slow
 
@@ -39,11 +41,21 @@ def programs(export) -> dict[str, ExportedCpuBackend]:
     """Each head's portable program, the reference, loaded once."""
     bundle, _ = export
     manifest = manifest_of(bundle)
-    return {h.name: ExportedCpuBackend(bundle / f"{FILE_STEMS[h.name]}.pt2", manifest) for h in manifest.heads}
+    return {h.name: backend_of(bundle, manifest, f"{FILE_STEMS[h.name]}.pt2") for h in manifest.heads}
+
+
+def backend_of(bundle: Path, manifest: Manifest, name: str) -> ExportedCpuBackend | OpenVinoCpuBackend:
+    entry = next(f for f in manifest.files if f.path == name)
+    backend = OpenVinoCpuBackend if entry.format == "openvino-ir" else ExportedCpuBackend
+    return backend(bundle / name, entry, manifest)
+
+
+def has_bf16() -> bool:
+    return set(BF16_CPU_FEATURES) <= station_cpu_features()
 
 
 @slow
-def test_every_head_has_the_fp32_ir_and_int8_only_within_its_limits(export, tiny_run):
+def test_every_head_has_the_fp32_ir_and_reduced_precisions_only_within_their_limits(export, tiny_run):
     bundle, printed = export
     manifest = manifest_of(bundle)
     expected = ["norm-guided", "radar"] if (tiny_run / "radar.json").is_file() else ["norm-guided"]
@@ -54,19 +66,25 @@ def test_every_head_has_the_fp32_ir_and_int8_only_within_its_limits(export, tiny
         ir, weights = by_path[f"{stem}.ov.xml"], by_path[f"{stem}.ov.bin"]
         assert (ir.format, weights.format) == ("openvino-ir", "openvino-weights")
         assert ir.precision == weights.precision == "fp32" and ir.parity is weights.parity is None
-        int8 = [by_path.get(f"{stem}.int8.ov.xml"), by_path.get(f"{stem}.int8.ov.bin")]
-        if int8 == [None, None]:
-            assert f"{head.name} head: INT8 OpenVINO file not shipped: " in printed
-            continue
-        ir, weights = int8
-        assert (ir.format, weights.format) == ("openvino-ir", "openvino-weights")
-        assert ir.precision == weights.precision == "int8" and ir.cpu_features == [] and ir.parity == weights.parity
-        parity = ir.parity
-        assert parity.images == 12  # the tiny run's 3 good + 3 synthetic selection images and 6 calibration images
-        assert (parity.min_verdict_agreement, parity.max_image_auroc_drop) == (MIN_VERDICT_AGREEMENT,
-                                                                               MAX_IMAGE_AUROC_DROP)
-        assert parity.verdict_agreement >= MIN_VERDICT_AGREEMENT
-        assert -parity.image_auroc_delta <= MAX_IMAGE_AUROC_DROP
+        if not has_bf16():
+            assert f"{head.name} head: bf16 OpenVINO file not built: this CPU lacks avx512_bf16, so its parity " \
+                   "cannot be measured here" in printed
+        for precision, cpu_features in (("int8", []), ("bf16", BF16_CPU_FEATURES)):
+            pair = [by_path.get(f"{stem}.{precision}.ov.xml"), by_path.get(f"{stem}.{precision}.ov.bin")]
+            if pair == [None, None]:
+                assert precision == "bf16" and not has_bf16() or \
+                    f"{head.name} head: {precision} OpenVINO file not shipped: " in printed
+                continue
+            ir, weights = pair
+            assert (ir.format, weights.format) == ("openvino-ir", "openvino-weights")
+            assert ir.precision == weights.precision == precision and ir.parity == weights.parity
+            assert ir.cpu_features == weights.cpu_features == cpu_features
+            parity = ir.parity
+            assert parity.images == 12  # the tiny run's 3 good + 3 synthetic selection images, 6 calibration images
+            assert (parity.min_verdict_agreement, parity.max_image_auroc_drop) == (MIN_VERDICT_AGREEMENT,
+                                                                                   MAX_IMAGE_AUROC_DROP)
+            assert parity.verdict_agreement >= MIN_VERDICT_AGREEMENT
+            assert -parity.image_auroc_delta <= MAX_IMAGE_AUROC_DROP
     on_disk = {p.name for p in bundle.iterdir()} - {MANIFEST_DIGEST_NAME, MANIFEST_NAME}
     assert on_disk == {f.path for f in manifest.files}, "a file not shipped was left in the bundle"
 
@@ -77,7 +95,7 @@ def test_fp32_ir_computes_the_program_at_every_batch_size(export, programs, data
     manifest = manifest_of(bundle)
     images = hazelnut_images(datasets_dir, manifest.input.height, count=4)
     for head in manifest.heads:
-        openvino = OpenVinoCpuBackend(bundle / f"{FILE_STEMS[head.name]}.ov.xml", manifest)
+        openvino = backend_of(bundle, manifest, f"{FILE_STEMS[head.name]}.ov.xml")
         whole = openvino.infer(images)
         for got, want in zip(whole, programs[head.name].infer(images)):
             assert got.dtype == np.float32
@@ -156,21 +174,45 @@ def test_the_station_loads_openvino_by_name_and_auto_picks_a_candidate(export):
 
 
 @slow
-def test_int8_decides_like_the_program_on_test_images_as_its_parity_claims(export, programs, hazelnut_dir):
+def test_reduced_precisions_decide_like_the_program_on_test_images_as_their_parity_claims(
+        export, programs, hazelnut_dir):
     bundle, _ = export
     manifest = manifest_of(bundle)
-    shipped = [(head, f) for head in manifest.heads for f in head.files if f.precision == "int8"
+    shipped = [(head, f) for head in manifest.heads for f in head.files if f.precision != "fp32"
                and f.format == "openvino-ir"]
     if not shipped:
-        pytest.skip("no head's INT8 file passed parity on the tiny run")
+        pytest.skip("no head's INT8 file passed parity on the tiny run, and this CPU has no bf16")
     images = np.stack([read_rgb(p, manifest.input.height) for p in sorted(hazelnut_dir.rglob("*.jpg"))])
     batch = manifest.input.max_batch
     for head, entry in shipped:
         verdicts = []
-        for backend in (programs[head.name], OpenVinoCpuBackend(bundle / entry.path, manifest)):
+        for backend in (programs[head.name], backend_of(bundle, manifest, entry.path)):
             second = np.concatenate([backend.infer(images[i:i + batch])[1] for i in range(0, len(images), batch)])
             scores = second if head.score_from_map else head.method.one_class.score(second)
             verdicts.append(scores >= head.thresholds.image)
         agreement = np.mean(verdicts[0] == verdicts[1])
         # The claim rests on a dozen held-out images; these are two dozen others: 2 may differ.
-        assert agreement >= entry.parity.verdict_agreement - 0.1, (head.name, agreement)
+        assert agreement >= entry.parity.verdict_agreement - 0.1, (head.name, entry.precision, agreement)
+
+
+@slow
+def test_each_file_is_compiled_at_the_precision_its_parity_was_measured_at(export):
+    bundle, _ = export
+    manifest = manifest_of(bundle)
+    for entry in manifest.head("norm-guided").files:
+        if entry.format == "openvino-ir" and set(entry.cpu_features) <= station_cpu_features():
+            compiled = backend_of(bundle, manifest, entry.path).compiled
+            want = "bf16" if entry.precision == "bf16" else "f32"
+            assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == want, entry.path
+
+
+@slow
+def test_export_without_bf16_on_its_cpu_builds_no_bf16_file_and_says_why(export, tiny_run, tmp_path, monkeypatch,
+                                                                           capsys):
+    bundle, _ = export
+    monkeypatch.setattr("trainer.export.openvino.station_cpu_features", lambda: frozenset({"avx2", "avx512f"}))
+    program = torch.export.load(bundle / "model.pt2")
+    entries = openvino_files(program, manifest_of(bundle).input, tmp_path, "model", "norm-guided", lambda s: s, 0.5,
+                             load_held_out(tiny_run))
+    assert "norm-guided head: bf16 OpenVINO file not built: this CPU lacks avx512_bf16" in capsys.readouterr().out
+    assert {f.precision for f in entries} <= {"fp32", "int8"} and not list(tmp_path.glob("*bf16*"))

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="bundle directory to create")
     export.add_argument("--target", choices=["portable", "cpu", "tensorrt", "all"], default="cpu",
                         help="portable: the torch.export program only; cpu: + AOTInductor package and OpenVINO IR "
-                             "(fp32, and INT8 within its parity limits); tensorrt: + TensorRT engines (on the GPU); "
+                             "(fp32, and INT8 and bf16 within their parity limits); tensorrt: + TensorRT engines (on the GPU); "
                              "all")
     export.add_argument("--head", choices=["norm-guided", "radar", "both"], default="both",
                         help="the inference head(s) to ship; both: those the run has (default)")

@@ -10,7 +10,7 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.data.mvtec import read_mask, read_rgb, scan_mvtec
 from trainer.evaluation.metrics import compute_metrics, resize_for_metrics, verdict_metrics
 from trainer.evaluation.report import write_curves, write_sample_grid, write_score_histogram
-from trainer.fused import uint8_nhwc_to_unit_range
+from trainer.fused import uint8_nhwc_to_unit_range, unit_range_to_uint8_nhwc
 from trainer.model import DiffusionAD
 from trainer.profiles import get_profile
 from trainer.radar_fit import fit_radar, load_radar
@@ -95,7 +95,7 @@ def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_s
     out.mkdir(parents=True, exist_ok=True)
     picks = np.unique(np.linspace(0, len(images) - 1, min(report_samples, len(images))).round().astype(int))
     x0 = uint8_nhwc_to_unit_range(torch.from_numpy(images[picks]))
-    recon = ((fused.reconstruct(x0) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    recon = unit_range_to_uint8_nhwc(fused.reconstruct(x0))
     mask_small = resize_for_metrics(masks[picks], size)
     titles = [f"{folder.test[i].defect}/{folder.test[i].image.name}  score {scores[i]:.3f}  "
               f"RADAR {radar_scores[i]:.3f}" for i in picks]

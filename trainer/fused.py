@@ -5,6 +5,7 @@ Normalisation, both noise scales, the batched denoiser call, guidance, segmenter
 score all live inside the graph; thresholds stay outside it.
 """
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +23,12 @@ def uint8_nhwc_to_unit_range(images: Tensor) -> Tensor:
     """uint8 [B, H, W, 3] → float [B, 3, H, W] in [-1, 1]. Cast first: TensorRT wants a uint8
     network input converted to float before any other layer touches it."""
     return images.float().permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def unit_range_to_uint8_nhwc(images: Tensor) -> np.ndarray:
+    """float [N, 3, H, W] in [-1, 1] → uint8 [N, H, W, 3]: the inverse of uint8_nhwc_to_unit_range,
+    exact for images that were uint8."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 class FusedInference(nn.Module):

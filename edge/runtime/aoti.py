@@ -11,7 +11,7 @@ import torch
 
 from edge.runtime.backend import Backend
 from edge.runtime.program_archive import weights_only_unpickling
-from protocols.bundle import Manifest
+from protocols.bundle import BundleFile, Manifest
 
 
 class AotiCpuBackend(Backend):
@@ -23,7 +23,7 @@ class AotiCpuBackend(Backend):
     def available(cls) -> bool:
         return True
 
-    def __init__(self, path: Path, manifest: Manifest):
+    def __init__(self, path: Path, entry: BundleFile, manifest: Manifest):
         with weights_only_unpickling():  # the package's weights, if any were pickled
             self.runner = torch._inductor.aoti_load_package(str(path))
 

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from protocols.bundle import Manifest
+from protocols.bundle import BundleFile, Manifest
 
 
 class BackendUnavailable(RuntimeError):
@@ -24,9 +24,10 @@ class Backend(ABC):
         """Whether this machine can run the backend at all (cheap; no model loaded)."""
 
     @abstractmethod
-    def __init__(self, path: Path, manifest: Manifest):
-        """Load the file: the verified private copy (edge/runtime/bundle.py), never the bundle's
-        own. Raise BackendUnavailable if this machine can't."""
+    def __init__(self, path: Path, entry: BundleFile, manifest: Manifest):
+        """Load the file `entry` describes from `path`, its verified private copy
+        (edge/runtime/bundle.py), never the bundle's own. Raise BackendUnavailable if this machine
+        can't."""
 
     @abstractmethod
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

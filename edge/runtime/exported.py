@@ -7,7 +7,7 @@ import torch
 
 from edge.runtime.backend import Backend
 from edge.runtime.program_archive import load_program
-from protocols.bundle import Manifest
+from protocols.bundle import BundleFile, Manifest
 
 
 class ExportedCpuBackend(Backend):
@@ -20,7 +20,7 @@ class ExportedCpuBackend(Backend):
     def available(cls) -> bool:
         return True
 
-    def __init__(self, path: Path, manifest: Manifest):
+    def __init__(self, path: Path, entry: BundleFile, manifest: Manifest):
         program = load_program(path)
         if self.device.type != "cpu":
             program = torch.export.passes.move_to_device_pass(program, self.device)

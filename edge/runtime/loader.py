@@ -142,7 +142,7 @@ def _load_verified(bundle: VerifiedBundle, head: HeadSpec, choice: str) -> Loade
     for backend_type, entry in candidates:
         path = root / entry.path
         try:
-            backend = backend_type(bundle.copies[entry.path], bundle.manifest)
+            backend = backend_type(bundle.copies[entry.path], entry, bundle.manifest)
         except BackendUnavailable:
             continue
         except Exception as err:  # a file that verifies but will not load is still a bad bundle

@@ -1,4 +1,4 @@
-"""OpenVINO's CPU runtime over the bundle's IR files, fp32 or INT8.
+"""OpenVINO's CPU runtime over the bundle's IR files, fp32, bf16 or INT8.
 
 An IR is an XML description of the graph and a raw weights file beside it (<name>.bin, which
 OpenVINO finds by the XML's name): OpenVINO parses the one and reads the other as bytes. Nothing is
@@ -13,22 +13,26 @@ import numpy as np
 import torch
 
 from edge.runtime.backend import Backend
-from protocols.bundle import Manifest
+from protocols.bundle import BundleFile, Manifest, Precision
 
 if TYPE_CHECKING:  # imported when used: a station without it still loads the other backends
     import openvino
 
 
-def compile_cpu(model: "openvino.Model") -> "openvino.CompiledModel":
-    """An OpenVINO model compiled as the station runs it."""
+# OpenVINO's name for the precision its CPU plugin computes in. An INT8 file keeps fp32 between its
+# INT8 layers (as its parity was measured at export); an fp32 file stays fp32 on a CPU with bf16,
+# where OpenVINO's default would be bf16.
+INFERENCE_PRECISION = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}
+
+
+def compile_cpu(model: "openvino.Model", precision: Precision) -> "openvino.CompiledModel":
+    """An OpenVINO model compiled as the station runs a file of that precision."""
     import openvino
 
     return openvino.Core().compile_model(model, "CPU", {
         "INFERENCE_NUM_THREADS": torch.get_num_threads(),  # the share of the cores torch was given
         "PERFORMANCE_HINT": "LATENCY",  # one stream: a batch at a time, as the daemon sends them
-        # An fp32 file stays fp32 on a CPU with bf16 (OpenVINO's default there); an INT8 file keeps
-        # fp32 between its INT8 layers, as its parity was measured at export.
-        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision],
     })
 
 
@@ -41,10 +45,10 @@ class OpenVinoCpuBackend(Backend):
     def available(cls) -> bool:
         return importlib.util.find_spec("openvino") is not None
 
-    def __init__(self, path: Path, manifest: Manifest):
+    def __init__(self, path: Path, entry: BundleFile, manifest: Manifest):
         import openvino
 
-        self.compiled = compile_cpu(openvino.Core().read_model(path))
+        self.compiled = compile_cpu(openvino.Core().read_model(path), entry.precision)
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, second = self.compiled(images).to_tuple()

@@ -12,7 +12,7 @@ import torch
 
 from edge.runtime.backend import Backend, BackendUnavailable
 from edge.runtime.program_archive import load_program
-from protocols.bundle import Manifest
+from protocols.bundle import BundleFile, Manifest
 
 
 class TensorRTBackend(Backend):
@@ -30,7 +30,7 @@ class TensorRTBackend(Backend):
             return False
         return True
 
-    def __init__(self, path: Path, manifest: Manifest):
+    def __init__(self, path: Path, entry: BundleFile, manifest: Manifest):
         if not self.available():
             raise BackendUnavailable("the TensorRT backend needs a CUDA GPU and torch-tensorrt")
         import torch_tensorrt  # noqa: F401  (registers the tensorrt::execute_engine op the graph calls)

@@ -2,8 +2,8 @@
 
 A bundle holds the run's heads (norm-guided; RADAR if the run has radar.json), each its own graph
 over the same denoiser weights. Per head, always the portable torch.export program (runs on CPU and
-CUDA; `portable` stops there); `cpu` adds an AOTInductor package and OpenVINO IR files, fp32 and
-INT8 (the station times them all when it loads the bundle and runs the fastest); `tensorrt` adds
+CUDA; `portable` stops there); `cpu` adds an AOTInductor package and OpenVINO IR files, fp32,
+INT8 and bf16, each below fp32 within its parity limits (the station times them all when it loads the bundle and runs the fastest); `tensorrt` adds
 torch-tensorrt engines (built on the target GPU class); `all` both."""
 
 import shutil
@@ -140,12 +140,13 @@ def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int =
 
 
 def _held_out(run: Path) -> HeldOut | None:
-    """The run's held-out images, which the INT8 files are calibrated and checked on; without them
-    (the data folder gone or changed) the export goes on without INT8 files and says why."""
+    """The run's held-out images, which the reduced-precision files are calibrated and checked on;
+    without them (the data folder gone or changed) the export goes on without those files and says
+    why."""
     try:
         return load_held_out(run)
     except DataError as err:
-        print(f"INT8 OpenVINO files skipped: the run's held-out images are unavailable: {err}")
+        print(f"Reduced-precision OpenVINO files skipped: the run's held-out images are unavailable: {err}")
         return None
 
 

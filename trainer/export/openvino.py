@@ -1,10 +1,12 @@
-"""A head's OpenVINO IR files: fp32, and INT8 by NNCF post-training quantisation.
+"""A head's OpenVINO IR files: fp32; INT8 by NNCF post-training quantisation; bf16, the fp32
+graph computed at OpenVINO's bf16 inference precision.
 
-Both are converted from the head's torch.export program, so they compute the bundle's graph:
+All are converted from the head's torch.export program, so they compute the bundle's graph:
 uint8 [B, H, W, 3] in, B from 1 to the bundle's max_batch. The fp32 IR must match the program
-(export refuses otherwise). The INT8 IR is calibrated on the selection split only and shipped only
-if it decides like the fp32 program on the run's held-out images (the selection split's good
-images and synthetic defects, and the calibration images; never the test set)."""
+(export refuses otherwise). The INT8 IR is calibrated on the selection split only. A
+reduced-precision file ships only if it decides like the fp32 program on the run's held-out
+images (the selection split's good images and synthetic defects, and the calibration images;
+never the test set)."""
 
 import contextlib
 import sys
@@ -17,6 +19,7 @@ import numpy as np
 import openvino as ov
 import torch
 
+from edge.runtime.cpu_features import station_cpu_features
 from edge.runtime.openvino import compile_cpu
 from protocols.bundle import BundleFile, InputSpec, ParitySpec, Precision, sha256_file
 from trainer import run_dir as files
@@ -24,6 +27,7 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.data.mvtec import DataError
 from trainer.evaluate import score_in_batches
 from trainer.evaluation.metrics import image_auroc
+from trainer.fused import unit_range_to_uint8_nhwc
 from trainer.training import prepare_data
 
 # Verdicts are what the line acts on: a reduced-precision file may change at most 1 in 200 (with
@@ -36,6 +40,9 @@ MAX_IMAGE_AUROC_DROP = 0.5
 # by rounding (FP32_ATOL), RADAR's features, norms in the tens, by rounding relative to their size.
 FP32_ATOL = 1e-4
 FP32_RTOL = 1e-5
+# OpenVINO computes bf16 on CPUs with AVX-512 BF16 (AMX implies it). Elsewhere it would quietly
+# compute fp32, which the file's parity does not describe: such a station never loads it.
+BF16_CPU_FEATURES = ["avx512_bf16"]
 
 ImageScores = Callable[[np.ndarray], np.ndarray]  # a graph's second output → the head's image scores
 
@@ -59,12 +66,6 @@ class HeldOut:
     @property
     def defective(self) -> np.ndarray:
         return np.r_[np.zeros(len(self.good), bool), np.ones(len(self.synthetic), bool)]
-
-
-def unit_range_to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
-    """float [N, 3, H, W] in [-1, 1] → uint8 [N, H, W, 3]: the inverse of
-    trainer.fused.uint8_nhwc_to_unit_range, exact for images that were uint8."""
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def load_held_out(run: Path) -> HeldOut:
@@ -141,35 +142,62 @@ def parity_failure(parity: ParitySpec) -> str | None:
     return " and ".join(missed) or None
 
 
-def _save(model: ov.Model, xml: Path, precision: Precision, parity: ParitySpec | None) -> list[BundleFile]:
-    """The IR (its graph, and its weights beside it in <name>.bin), both listed with one precision."""
-    ov.save_model(model, xml, compress_to_fp16=False)
+def _write(model: ov.Model, xml: Path, precision: Precision) -> None:
+    """The IR: its graph, and its weights beside it in <name>.bin."""
+    # A bf16 file computes in bf16 whatever its stored weights: fp16 storage halves it.
+    ov.save_model(model, xml, compress_to_fp16=precision == "bf16")
+
+
+def _listed(xml: Path, precision: Precision, cpu_features: list[str], parity: ParitySpec | None) -> list[BundleFile]:
     return [BundleFile(path=path.name, format=kind, target="cpu", sha256=sha256_file(path), precision=precision,
-                       parity=parity)
+                       cpu_features=cpu_features, parity=parity)
             for path, kind in ((xml, "openvino-ir"), (xml.with_suffix(".bin"), "openvino-weights"))]
+
+
+def _parity_of_file(xml: Path, precision: Precision, held_out: HeldOut, image_scores: ImageScores,
+                    fp32_scores: np.ndarray, threshold: float, max_batch: int) -> ParitySpec | str:
+    """The saved file, compiled as a station compiles it, against the fp32 program's scores: its
+    parity, or why it may not ship."""
+    compiled = compile_cpu(ov.Core().read_model(xml), precision)
+    scores = image_scores(score_in_batches(as_graph(compiled), held_out.images, max_batch)[1])
+    if not np.isfinite(scores).all():
+        return "it scores held-out images NaN or infinite"
+    parity = measure_parity(fp32_scores, scores, held_out.defective, threshold)
+    if failure := parity_failure(parity):
+        return (f"{failure} (verdict agreement {parity.verdict_agreement:.4f}, image AUROC "
+                f"{parity.image_auroc_delta:+.2f} points, max |Δscore| {parity.max_abs_score_delta:.3g}, on "
+                f"{parity.images} held-out images)")
+    return parity
 
 
 def openvino_files(program: torch.export.ExportedProgram, spec: InputSpec, staging: Path, stem: str, head: str,
                    image_scores: ImageScores, threshold: float, held_out: HeldOut | None) -> list[BundleFile]:
-    """<stem>.ov.xml/.bin (fp32) and, if `held_out` is given and it passes parity at the head's image
-    `threshold`, <stem>.int8.ov.xml/.bin; a file that fails is left out, and export says why."""
+    """<stem>.ov.xml/.bin (fp32) and, if `held_out` is given, the reduced-precision files
+    <stem>.int8.ov.xml/.bin and (where this CPU computes bf16) <stem>.bf16.ov.xml/.bin, each kept
+    only if, read back from disk, it passes parity at the head's image `threshold`; export says
+    why it left one out."""
     model = to_openvino(program, spec)
-    check_fp32(program, compile_cpu(model), spec, f"{stem}.ov.xml")
-    entries = _save(model, staging / f"{stem}.ov.xml", "fp32", None)
+    check_fp32(program, compile_cpu(model, "fp32"), spec, f"{stem}.ov.xml")
+    xml = staging / f"{stem}.ov.xml"
+    _write(model, xml, "fp32")
+    entries = _listed(xml, "fp32", [], None)
     if held_out is None:
         return entries
-    images = held_out.images
-    int8 = quantise(model, held_out.selection)
-    _, fp32_second = score_in_batches(program.module(), images, spec.max_batch)
-    _, int8_second = score_in_batches(as_graph(compile_cpu(int8)), images, spec.max_batch)
-    int8_scores = image_scores(int8_second)
-    if not np.isfinite(int8_scores).all():
-        print(f"{head} head: INT8 OpenVINO file not shipped: it scores held-out images NaN or infinite")
-        return entries
-    parity = measure_parity(image_scores(fp32_second), int8_scores, held_out.defective, threshold)
-    if failure := parity_failure(parity):
-        print(f"{head} head: INT8 OpenVINO file not shipped: {failure} (verdict agreement "
-              f"{parity.verdict_agreement:.4f}, image AUROC {parity.image_auroc_delta:+.2f} points, max |Δscore| "
-              f"{parity.max_abs_score_delta:.3g}, on {parity.images} held-out images)")
-        return entries
-    return [*entries, *_save(int8, staging / f"{stem}.int8.ov.xml", "int8", parity)]
+    fp32_scores = image_scores(score_in_batches(program.module(), held_out.images, spec.max_batch)[1])
+    reduced = {"int8": (quantise(model, held_out.selection), [])}
+    if missing := sorted(set(BF16_CPU_FEATURES) - station_cpu_features()):
+        print(f"{head} head: bf16 OpenVINO file not built: this CPU lacks {', '.join(missing)}, so its parity "
+              "cannot be measured here")
+    else:
+        reduced["bf16"] = (model, BF16_CPU_FEATURES)
+    for precision, (reduced_model, cpu_features) in reduced.items():
+        xml = staging / f"{stem}.{precision}.ov.xml"
+        _write(reduced_model, xml, precision)
+        parity = _parity_of_file(xml, precision, held_out, image_scores, fp32_scores, threshold, spec.max_batch)
+        if isinstance(parity, ParitySpec):
+            entries += _listed(xml, precision, cpu_features, parity)
+        else:
+            print(f"{head} head: {precision} OpenVINO file not shipped: {parity}")
+            xml.unlink()
+            xml.with_suffix(".bin").unlink()
+    return entries
