@@ -127,7 +127,7 @@ def main() -> None:
         workdir = Path(tmp)
         bundle = args.bundle or build_bundle(args.run, workdir)
         model = load_model(bundle, "auto", head=args.head)
-        backend, spec = model.backend.key, model.bundle.manifest.input
+        backend, spec, file = model.backend.key, model.bundle.manifest.input, model.file
         batch = model.best_batch  # what the daemon would choose; it is told, so both use the same
         inputs = np.stack([to_model_input(cv2.cvtColor(f, cv2.COLOR_BGR2RGB), spec.height, spec.width)
                            for f in (frames * batch)[:batch]])
@@ -159,7 +159,7 @@ def main() -> None:
 
     print(f"### The daemon end to end vs the bare backend: {args.head} head ({spec.height}² model, {width}×{height} "
           "raw bgr8 frames)\n")
-    print(f"Bare: backend `{backend}` at batch {batch} in the benchmark's process. Daemon: ZeroMQ → decode, "
+    print(f"Bare: backend `{backend}` on `{file.path}` ({file.precision}) at batch {batch} in the benchmark's process. Daemon: ZeroMQ → decode, "
           f"resize → batches of ≤ {batch} → verdict, regions, mask PNG at frame size → SQLite outbox → "
           "mosquitto → a subscriber, images/s from the end of the first batch to the end of the last.\n")
     print("| run | bare before (images/s) | daemon (images/s) | bare after (images/s) | daemon / bare | "

@@ -138,7 +138,7 @@ def _load_verified(bundle: VerifiedBundle, head: HeadSpec, choice: str) -> Loade
         raise BundleError(f"{root}: no backend {'' if choice == 'auto' else choice + ' '}on this machine "
                           f"can run the {head.name} head's files ({', '.join(formats)})"
                           + "".join(f"; {reason}" for reason in passed_over))
-    loaded = []
+    fastest = None  # only the fastest so far stays in memory: each backend holds its own weights
     for backend_type, entry in candidates:
         path = root / entry.path
         try:
@@ -152,10 +152,13 @@ def _load_verified(bundle: VerifiedBundle, head: HeadSpec, choice: str) -> Loade
         except Exception as err:
             raise BundleError(f"{path}: fails its warm-up on {backend_type.key}: "
                               f"{type(err).__name__}: {_first_line(err)}") from err
-        loaded.append(LoadedModel(bundle, head, entry, backend, rates, passed_over))
-    if not loaded:
+        model = LoadedModel(bundle, head, entry, backend, rates, passed_over)
+        if fastest is None or model.images_per_second > fastest.images_per_second:
+            fastest = model
+        del backend, model
+    if fastest is None:
         raise BundleError(f"{root}: none of the candidate backends could start here")
-    return max(loaded, key=lambda m: m.images_per_second)
+    return fastest
 
 
 def _first_line(err: Exception) -> str:
