@@ -159,9 +159,13 @@ def main() -> None:
 
     print(f"### The daemon end to end vs the bare backend: {args.head} head ({spec.height}² model, {width}×{height} "
           "raw bgr8 frames)\n")
-    print(f"Bare: backend `{backend}` on `{file.path}` ({file.precision}) at batch {batch} in the benchmark's process. Daemon: ZeroMQ → decode, "
-          f"resize → batches of ≤ {batch} → verdict, regions, mask PNG at frame size → SQLite outbox → "
-          "mosquitto → a subscriber, images/s from the end of the first batch to the end of the last.\n")
+    parity = file.parity and (f"; its parity with fp32 at export: {100 * file.parity.verdict_agreement:.1f} % of "
+                              f"{file.parity.images} held-out verdicts, image AUROC "
+                              f"{file.parity.image_auroc_delta:+.2f} points")
+    print(f"Bare: backend `{backend}` on `{file.path}` ({file.precision}{parity or ''}) at batch {batch} in the "
+          f"benchmark's process. Daemon: ZeroMQ → decode, resize → batches of ≤ {batch} → verdict, regions, mask "
+          "PNG at frame size → SQLite outbox → mosquitto → a subscriber, images/s from the end of the first batch "
+          "to the end of the last.\n")
     print("| run | bare before (images/s) | daemon (images/s) | bare after (images/s) | daemon / bare | "
           "overhead ms / frame |")
     print("|---|---|---|---|---|---|")
