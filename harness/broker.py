@@ -106,7 +106,8 @@ class MosquittoBroker(Broker):
 
     It persists its sessions (into its own folder under `workdir`), so that a subscriber's session
     and subscriptions survive `stop()`/`start()`: without that, a station could re-deliver its
-    backlog before the subscriber has re-subscribed, and outage tests would race.
+    backlog before the subscriber has re-subscribed, and outage tests would race. mosquitto 2.0.11
+    restores only sessions that began with clean start off (tests/mqtt_broker.py Subscriber).
     `listener` adds TLS, mutual TLS and logins.
     """
     protocol = "5"

@@ -8,6 +8,7 @@ import textwrap
 import threading
 import time
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from edge.mqtt.outbox import Outbox, OutboxError
@@ -240,3 +241,22 @@ def test_mqtt_3_1_1_is_selectable(broker, outbox):
         assert link.wait_drained(5)
     assert frame_ids(received) == sent
     assert len(outbox) == 0
+
+
+def test_the_test_subscriber_keeps_its_subscription_across_a_broker_restart(broker):
+    # The outage tests rest on this: a station that reconnects first must not publish into a void.
+    with Subscriber(broker.port, RESULTS) as sub:
+        broker.stop()
+        broker.start()
+        publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="restart-probe", protocol=mqtt.MQTTv5)
+        publisher.connect("127.0.0.1", broker.port)
+        publisher.loop_start()
+        try:
+            sent = [f"{i:06d}" for i in range(5)]
+            for frame_id in sent:  # most likely before the subscriber is back (it retries every 0.1-0.5 s)
+                publisher.publish(result_topic(PREFIX, CAM), result(frame_id).model_dump_json(), qos=1).wait_for_publish(5)
+            received = sub.wait_until(result_topic(PREFIX, CAM), lambda ms: len(ms) >= len(sent), timeout_s=15)
+        finally:
+            publisher.loop_stop()
+            publisher.disconnect()
+    assert sorted(frame_ids(received)) == sent
