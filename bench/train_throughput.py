@@ -1,6 +1,7 @@
-"""Training throughput and peak memory per profile: images/s of the joint objective (forward +
-backward + Adam, fp32, channels_last) with synthetic batches (B normal + B anomalous), and the
-peak RSS of a fresh process that runs only that profile.
+"""Training throughput and peak memory per profile and precision: images/s of the joint objective
+(forward + backward + Adam, channels_last; fp32, and bf16 autocast as `precision = "bf16"` trains
+where the CPU has AVX-512 BF16) with synthetic batches (B normal + B anomalous), and the peak RSS
+of a fresh process that runs only that measurement.
 
     .venv/bin/python bench/train_throughput.py [--profiles tiny small paper] [--steps 2]
 """
@@ -12,16 +13,18 @@ import time
 
 import torch
 
+from edge.runtime.cpu_features import station_cpu_features
 from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
 from trainer.objective import JointObjective, draw_step_randomness
 from trainer.profiles import PROFILES
+from trainer.training import autocast
 
 BATCH = {"tiny": 8, "small": 8, "paper": 1}  # normal images per step (as many synthetic ones are added)
 
 
-def measure(name: str, steps: int) -> tuple[float, float]:
-    """(seconds per step, peak RSS in GB) of one profile, in the calling process."""
+def measure(name: str, precision: str, steps: int) -> tuple[float, float]:
+    """(seconds per step, peak RSS in GB) of one profile and precision, in the calling process."""
     method, profile, batch = MethodConfig(), PROFILES[name], BATCH[name]
     torch.manual_seed(0)
     model = DiffusionAD(profile).to(memory_format=torch.channels_last)
@@ -34,7 +37,8 @@ def measure(name: str, steps: int) -> tuple[float, float]:
 
     def step() -> None:
         randomness = draw_step_randomness(2 * batch, (3, size, size), method, generator)
-        loss, _, _ = objective(normal, anomalous, mask, *randomness)
+        with autocast(precision, torch.device("cpu")):
+            loss, _, _ = objective(normal, anomalous, mask, *randomness)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -53,15 +57,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     args = parser.parse_args()
     print("### Training\n")
-    print("| profile | input | images per step | s / step | training images/s | peak RSS |")
-    print("|---|---|---|---|---|---|")
-    spawn = multiprocessing.get_context("spawn")  # a fresh process per profile: its own peak RSS
+    # Without AVX-512 BF16 the CPU has no bf16 arithmetic to measure.
+    precisions = ["fp32", "bf16"] if "avx512_bf16" in station_cpu_features() else ["fp32"]
+    print("| profile | input | precision | images per step | s / step | training images/s | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    spawn = multiprocessing.get_context("spawn")  # a fresh process per measurement: its own peak RSS
     for name in args.profiles:
-        with spawn.Pool(1) as pool:
-            per_step, peak_gb = pool.apply(measure, (name, args.steps))
-        images = 2 * BATCH[name]
-        print(f"| {name} | {PROFILES[name].image_size}² | {images} | {per_step:.2f} | {images / per_step:.2f} "
-              f"| {peak_gb:.2f} GB |", flush=True)
+        for precision in precisions:
+            with spawn.Pool(1) as pool:
+                per_step, peak_gb = pool.apply(measure, (name, precision, args.steps))
+            images = 2 * BATCH[name]
+            print(f"| {name} | {PROFILES[name].image_size}² | {precision} | {images} | {per_step:.2f} | "
+                  f"{images / per_step:.2f} | {peak_gb:.2f} GB |", flush=True)
 
 
 if __name__ == "__main__":

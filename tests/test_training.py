@@ -16,7 +16,7 @@ from trainer.cli import main
 from trainer.data.mvtec import read_rgb, scan_mvtec
 from trainer.evaluate import load_run
 from trainer.objective import lr_factor
-from trainer.training import TrainingSession
+from trainer.training import TrainingSession, autocast
 
 FAST_CONFIG = """
 profile = "tiny"
@@ -214,3 +214,11 @@ def test_synth_writes_pictures_a_user_can_open(tmp_path, datasets_dir):
     pictures = sorted(out.glob("*.png"))
     assert len(pictures) == 5
     assert all(cv2.imread(str(p)) is not None for p in pictures)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                                  ("fp16", torch.float32)])  # fp16: GPUs only
+def test_training_autocast_on_the_cpu(precision, dtype):
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with autocast(precision, torch.device("cpu")):
+        assert conv(torch.rand(1, 3, 8, 8)).dtype == dtype

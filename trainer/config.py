@@ -47,7 +47,8 @@ class TrainConfig(BaseModel):
     textures: Path | None = Field(None, description="folder of texture images used as anomaly source")
     texture_probability: float = Field(0.5, ge=0, le=1, description="chance of a texture source (objects)")
     false_reject_rate: float = Field(0.01, gt=0, lt=1, description="calibration target on normal images")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision (GPU)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision: bf16 on "
+                                                       "GPUs and CPUs, fp16 on GPUs only")
     grad_checkpointing: bool = Field(False, description="recompute denoiser activations to save memory")
     num_workers: int = Field(1, ge=0, description="data-loader processes for synthesis")
 

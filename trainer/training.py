@@ -119,10 +119,12 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
     )
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.precision == "fp32" or device.type != "cuda":
+def autocast(precision: str, device: torch.device):
+    """bf16 on GPUs and CPUs (oneDNN; AMX or AVX-512 BF16 where the CPU has them), fp16 on GPUs
+    only: on a CPU fp16 autocast falls back to slow kernels."""
+    if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
         return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def fit(data_dir: Path, run: Path, cfg: TrainConfig, limits: RunLimits, resume: bool = False) -> dict:
@@ -237,7 +239,7 @@ class TrainingSession:
         randomness = draw_step_randomness(2 * self.cfg.batch_size, (3, self.size, self.size), self.cfg.method,
                                           self.noise_gen)
         inputs = [batch["normal"], batch["anomalous"], batch["mask"], *randomness]
-        with _autocast(self.cfg, self.ddp.device):
+        with autocast(self.cfg.precision, self.ddp.device):
             total, l_noise, l_mask = self.objective(*(x.to(self.ddp.device, non_blocking=True) for x in inputs))
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss became {total.item()} at step {self.step}; lower the learning rates")
