@@ -120,8 +120,8 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
 
 
 def autocast(precision: str, device: torch.device):
-    """bf16 on GPUs and CPUs (oneDNN; AMX or AVX-512 BF16 where the CPU has them), fp16 on GPUs
-    only: on a CPU fp16 autocast falls back to slow kernels."""
+    """bf16 on GPUs and CPUs (oneDNN; AMX or AVX-512 BF16 where the CPU has them); fp16 on GPUs
+    only (never measured on a CPU; there it trains fp32)."""
     if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
