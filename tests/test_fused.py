@@ -16,11 +16,11 @@ PROFILE = get_profile("tiny")
 METHOD = MethodConfig()
 
 
-def untrained_but_nontrivial(seed: int) -> DiffusionAD:
+def untrained_but_nontrivial(seed: int, channels: int = 3) -> DiffusionAD:
     """A tiny model whose zero-initialised output layers and BN statistics are randomised,
     so that every term of the method contributes to the output."""
     torch.manual_seed(seed)
-    model = DiffusionAD(PROFILE)
+    model = DiffusionAD(PROFILE, channels)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if torch.count_nonzero(p) == 0 and "bias" not in name:
@@ -49,8 +49,10 @@ def step_by_step_float64(model: DiffusionAD, images: torch.Tensor) -> tuple[torc
     ab = linear_alpha_bars(METHOD.num_timesteps, METHOD.beta_start, METHOD.beta_end)
     batch = images.shape[0]
     ab_s, ab_b = ab[METHOD.t_s].expand(batch), ab[METHOD.t_b].expand(batch)
-    noise = fixed_noise(METHOD.noise_seed, PROFILE.image_size).double()
+    noise = fixed_noise(METHOD.noise_seed, PROFILE.image_size, model.channels).double()
     x0 = images.permute(0, 3, 1, 2).double() / 127.5 - 1
+    if model.channels == 1:  # BT.601 luma
+        x0 = (x0 * torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
     x_ts = q_sample(x0, ab_s, noise[0].expand_as(x0))
     x_tb = q_sample(x0, ab_b, noise[1].expand_as(x0))
     eps_s = model.denoiser(x_ts, torch.full((batch,), METHOD.t_s))
@@ -61,11 +63,12 @@ def step_by_step_float64(model: DiffusionAD, images: torch.Tensor) -> tuple[torc
     return maps, scores
 
 
+@pytest.mark.parametrize("channels", [3, 1], ids=["rgb", "gray"])
 @torch.no_grad()
-def test_fused_module_equals_the_step_by_step_computation(fused):
+def test_fused_module_equals_the_step_by_step_computation(channels):
     images = random_uint8(3, seed=1)
-    maps, scores = fused(images)
-    ref_maps, ref_scores = step_by_step_float64(untrained_but_nontrivial(0), images)
+    maps, scores = untrained_but_nontrivial(0, channels).fused(METHOD).eval()(images)
+    ref_maps, ref_scores = step_by_step_float64(untrained_but_nontrivial(0, channels), images)
     assert maps.shape == (3, PROFILE.image_size, PROFILE.image_size) and scores.shape == (3,)
     torch.testing.assert_close(maps.double(), ref_maps, rtol=0, atol=1e-5)
     torch.testing.assert_close(scores.double(), ref_scores, rtol=0, atol=1e-5)

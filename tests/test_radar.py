@@ -82,7 +82,7 @@ class OracleDenoiser(nn.Module):
 
     def __init__(self, normal: torch.Tensor, alpha_bar: float):
         super().__init__()
-        self.normal, self.alpha_bar = normal, alpha_bar
+        self.normal, self.alpha_bar, self.channels = normal, alpha_bar, normal.shape[1]
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (x_t - self.alpha_bar**0.5 * self.normal) / (1 - self.alpha_bar) ** 0.5

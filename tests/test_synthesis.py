@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from trainer.data import synthesis
+from trainer.data.color import choose_color
 from trainer.data.foreground import choose_foreground, foreground_mask, load_user_masks
 from trainer.data.mvtec import DataError, read_rgb, scan_mvtec
 from trainer.data.perlin import perlin_mask, perlin_noise
@@ -182,14 +183,14 @@ def normal_images() -> tuple[np.ndarray, np.ndarray]:
 
 def test_training_pairs_are_reproducible_per_seed_epoch_and_index(normal_images):
     images, foregrounds = normal_images
-    pairs = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=1)
+    pairs = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=1, channels=3)
     first = pairs[2]
     assert len(pairs) == 3
-    assert torch.equal(first["normal"], to_model_range(images[2]))
+    assert torch.equal(first["normal"], to_model_range(images[2], 3))
     assert first["anomalous"].shape == (3, SIZE, SIZE) and first["mask"].shape == (1, SIZE, SIZE)
     assert first["anomalous"].min() >= -1 and first["anomalous"].max() <= 1
 
-    again = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=1)[2]
+    again = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=1, channels=3)[2]
     assert all(torch.equal(first[key], again[key]) for key in first)
     pairs.set_epoch(1)
     assert not torch.equal(pairs[2]["mask"], first["mask"])
@@ -199,14 +200,14 @@ def base_image(item: dict[str, torch.Tensor], images: np.ndarray) -> int | None:
     """Index of the normal image an anomaly was made from: the one it equals outside the mask."""
     outside = item["mask"][0] == 0
     for index, image in enumerate(images):
-        if torch.equal(item["anomalous"][:, outside], to_model_range(image)[:, outside]):
+        if torch.equal(item["anomalous"][:, outside], to_model_range(image, 3)[:, outside]):
             return index
     return None
 
 
 def test_training_anomaly_is_made_from_a_randomly_chosen_normal_image(normal_images):
     images, foregrounds = normal_images
-    pairs = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=0)
+    pairs = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=0, channels=3)
     bases = [base_image(pairs[index], images) for index in range(len(pairs))]
     assert None not in bases
     assert bases != list(range(len(pairs)))  # not always the item's own image
@@ -214,14 +215,24 @@ def test_training_anomaly_is_made_from_a_randomly_chosen_normal_image(normal_ima
 
 def test_validation_set_is_fixed_and_pairs_each_image_with_its_own_anomaly(normal_images):
     images, foregrounds = normal_images
-    validation = ValidationSet(images, foregrounds, AnomalySynthesizer(SIZE), seed=0)
-    again = ValidationSet(images, foregrounds, AnomalySynthesizer(SIZE), seed=0)
+    validation = ValidationSet(images, foregrounds, AnomalySynthesizer(SIZE), seed=0, channels=3)
+    again = ValidationSet(images, foregrounds, AnomalySynthesizer(SIZE), seed=0, channels=3)
     assert validation.normal.shape == validation.anomalous.shape == (3, 3, SIZE, SIZE)
     assert validation.masks.shape == (3, 1, SIZE, SIZE)
     assert torch.equal(validation.anomalous, again.anomalous) and torch.equal(validation.masks, again.masks)
     outside = (validation.masks == 0).expand_as(validation.normal)
     assert torch.equal(validation.anomalous[outside], validation.normal[outside])
     assert (validation.masks.mean(dim=(1, 2, 3)) > 0).all()
+
+
+def test_a_gray_model_trains_on_one_channel_made_as_the_exported_graph_makes_it(normal_images):
+    images, foregrounds = normal_images
+    item = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=1, channels=1)[2]
+    assert item["normal"].shape == item["anomalous"].shape == (1, SIZE, SIZE)
+    luma = images[2].astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 127.5 - 1  # float64 reference
+    assert np.abs(item["normal"][0].numpy() - luma).max() < 1e-5
+    validation = ValidationSet(images, foregrounds, AnomalySynthesizer(SIZE), seed=0, channels=1)
+    assert validation.normal.shape == validation.anomalous.shape == (3, 1, SIZE, SIZE)
 
 
 def test_sample_writer_writes_a_panel_per_sample_and_a_grid(tmp_path: Path):
@@ -250,3 +261,16 @@ def test_auto_foreground_tells_parts_on_a_background_from_textures(datasets_dir,
     images = np.stack([read_rgb(p, 128) for p in list_images(datasets_dir / folder)[:40]])
     assert choose_foreground(images)[0] == mode
 
+
+
+def test_color_auto_chooses_gray_only_for_pictures_without_colour(datasets_dir):
+    rng = np.random.default_rng(0)
+    gray = np.repeat(rng.integers(0, 256, (4, 32, 32, 1), dtype=np.uint8), 3, axis=3)
+    assert choose_color(gray) == ("gray", 0.0)
+    # Sensor noise and JPEG chroma rounding of a few levels, and a small coloured label, stay gray.
+    noisy = np.clip(gray.astype(int) + rng.integers(-3, 4, gray.shape), 0, 255).astype(np.uint8)
+    noisy[0, :2, :8] = (200, 30, 30)  # 16 of 4096 pixels
+    mode, share = choose_color(noisy)
+    assert mode == "gray" and 0 < share < 0.01
+    hazelnut = np.stack([read_rgb(p, 64) for p in sorted((datasets_dir / "hazelnut" / "train" / "good").iterdir())[:4]])
+    assert choose_color(hazelnut)[0] == "rgb"

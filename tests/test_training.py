@@ -16,7 +16,10 @@ from trainer.cli import main
 from trainer.data.mvtec import read_rgb, scan_mvtec
 from trainer.evaluate import load_run
 from trainer.objective import lr_factor
-from trainer.training import TrainingSession, autocast
+from trainer import precision as training_precision
+from trainer.config import ConfigError
+from trainer.precision import autocast
+from trainer.training import TrainingSession
 
 FAST_CONFIG = """
 profile = "tiny"
@@ -91,6 +94,47 @@ def test_fit_is_reproducible_and_an_interrupted_run_resumes_exactly(tmp_path, da
     assert not set(selection) & set(calibration)
     assert thresholds["false_reject_rate"]["calibration_images"] == len(calibration) != len(selection)
     assert set(load_file(run / "model.safetensors")) == set(straight)
+
+
+def gray_copy(data: Path, out: Path) -> Path:
+    """The data set as a mono camera sends it: every image one-channel."""
+    for path in data.rglob("*"):
+        target = out / path.relative_to(data)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif "ground_truth" in path.parts:
+            target.write_bytes(path.read_bytes())
+        else:
+            assert cv2.imwrite(str(target), cv2.imread(str(path), cv2.IMREAD_GRAYSCALE))
+    return out
+
+
+@pytest.mark.slow
+def test_a_gray_part_gets_a_one_channel_model_that_serves_from_rgb_frames(tmp_path, datasets_dir, fast_config):
+    from edge.runtime.loader import load_model
+
+    data = gray_copy(datasets_dir / "hazelnut", tmp_path / "gray")
+    run = tmp_path / "run"
+    assert fit(data, run, fast_config, "--max-steps", "3") == 0
+    assert json.loads((run / "config.json").read_text())["data"]["color"] == {
+        "mode": "gray", "chosen_by": "auto", "pixels_with_color": 0.0}
+    cfg, model, _ = load_run(run)
+    assert model.channels == 1 and model.denoiser.input_conv.in_channels == 1
+    assert main(["eval", str(run), str(data), "--out", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "samples.png").is_file()
+
+    # The station sends every frame as RGB (mono8 as three equal channels); the bundle's graph turns
+    # it into the gray model's input itself.
+    assert main(["export", str(run), "--out", str(tmp_path / "bundle"), "--target", "portable"]) == 0
+    served = load_model(tmp_path / "bundle", "auto", head="norm-guided")
+    images = np.stack([read_rgb(sample.image, model.image_size)
+                       for sample in scan_mvtec(data, require_test=True).test[:4]])
+    assert (images == images[..., :1]).all()
+    maps, scores = served.infer(images)
+    with torch.no_grad():
+        ref_maps, ref_scores = model.fused(cfg.method).eval()(torch.from_numpy(images))
+    np.testing.assert_allclose(scores, ref_scores.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(maps, ref_maps.numpy(), rtol=0, atol=1e-4)
 
 
 @torch.no_grad()
@@ -216,9 +260,22 @@ def test_synth_writes_pictures_a_user_can_open(tmp_path, datasets_dir):
     assert all(cv2.imread(str(p)) is not None for p in pictures)
 
 
-@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16),
-                                                  ("fp16", torch.float32)])  # fp16: GPUs only
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_training_autocast_on_the_cpu(precision, dtype):
     conv = torch.nn.Conv2d(3, 4, 3)
     with autocast(precision, torch.device("cpu")):
         assert conv(torch.rand(1, 3, 8, 8)).dtype == dtype
+
+
+@pytest.mark.parametrize(("flags", "expected"), [({"avx2", "amx_bf16"}, "bf16"), ({"avx512_bf16"}, "bf16"),
+                                                 ({"avx2", "avx512f", "avx512_vnni"}, "fp32")])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, flags, expected):
+    monkeypatch.setattr(training_precision, "station_cpu_features", lambda: frozenset(flags))
+    precision, why = training_precision.resolve_precision("auto", torch.device("cpu"))
+    assert precision == expected and why.startswith("auto: this CPU has")
+    assert training_precision.resolve_precision("fp32", torch.device("cpu")) == ("fp32", "set in the config")
+
+
+def test_fp16_on_a_cpu_is_refused_not_silently_trained_in_fp32():
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        training_precision.resolve_precision("fp16", torch.device("cpu"))

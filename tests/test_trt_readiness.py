@@ -27,9 +27,9 @@ def export_with_dynamic_batch(module: torch.nn.Module, example: torch.Tensor) ->
         return torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=True)
 
 
-@pytest.fixture(scope="module")
-def fused_program() -> torch.export.ExportedProgram:
-    fused = DiffusionAD(PROFILE).fused(MethodConfig()).eval()
+@pytest.fixture(scope="module", params=[3, 1], ids=["rgb", "gray"])
+def fused_program(request) -> torch.export.ExportedProgram:
+    fused = DiffusionAD(PROFILE, request.param).fused(MethodConfig()).eval()
     size = PROFILE.image_size
     return export_with_dynamic_batch(fused, torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8))
 

@@ -1,4 +1,4 @@
-"""`trainer fit | eval | export | calibrate | sign | keygen | synth`: thin wrappers over the library with
+"""`trainer fit | eval | export | calibrate | sign | keygen | synth | pretrain`: thin wrappers over the library with
 one-line errors."""
 
 import argparse
@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--textures", type=Path)
     synth.add_argument("--foreground", choices=["object", "texture"], default="object")
     synth.add_argument("--seed", type=int, default=0)
+
+    pre = sub.add_parser("pretrain", help="learn the shipped denoiser on procedural pictures (the product's own)")
+    pre.add_argument("--profile", choices=["tiny", "small", "paper"], default="small")
+    pre.add_argument("--color", choices=["rgb", "gray"], default="rgb")
+    pre.add_argument("--time-limit", type=parse_duration, required=True, help="e.g. 30m")
+    pre.add_argument("--out", type=Path, help="default: the shipped file of the profile and colour (trainer/weights/)")
+    pre.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -198,6 +205,15 @@ def run_synth(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} pictures to {args.out}")
 
 
+def run_pretrain(args: argparse.Namespace) -> None:
+    from trainer.pretrain import pretrain, shipped_denoiser
+
+    out = args.out or shipped_denoiser(args.profile, args.color)
+    metadata = pretrain(args.profile, args.color, args.time_limit, out, args.seed)
+    print(f"wrote {out}: {metadata['steps']} steps, {metadata['images']} pictures, "
+          f"final noise loss {metadata['final_noise_loss']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from trainer.data.mvtec import DataError
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.export.tensorrt import TensorRTUnavailable
 
     commands = {"fit": run_fit, "eval": run_eval, "export": run_export, "calibrate": run_calibrate, "sign": run_sign,
-                "keygen": run_keygen, "synth": run_synth}
+                "keygen": run_keygen, "synth": run_synth, "pretrain": run_pretrain}
     try:
         commands[args.command](args)
     except (ConfigError, DataError, FloatingPointError, TensorRTUnavailable, SignatureError) as err:

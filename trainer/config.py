@@ -43,12 +43,19 @@ class TrainConfig(BaseModel):
     foreground: Literal["auto", "object", "texture"] = Field(
         "auto", description="where synthetic defects may appear; auto: object if most training images show one "
                             "(the decision is logged and kept in config.json)")
+    color: Literal["auto", "rgb", "gray"] = Field(
+        "auto", description="model channels; auto: gray (one channel) if under 1 % of the training pixels "
+                            "have colour, else rgb (the decision is logged and kept in config.json)")
     foreground_masks: Path | None = Field(None, description="folder of user foreground masks (by image stem)")
     textures: Path | None = Field(None, description="folder of texture images used as anomaly source")
     texture_probability: float = Field(0.5, ge=0, le=1, description="chance of a texture source (objects)")
     false_reject_rate: float = Field(0.01, gt=0, lt=1, description="calibration target on normal images")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision: bf16 on "
-                                                       "GPUs and CPUs, fp16 on GPUs only")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training arithmetic; auto: bf16 on a CPU with AVX-512 BF16 or AMX, else fp32; "
+                            "bf16 on GPUs and CPUs, fp16 on CUDA GPUs only")
+    denoiser_start: Literal["shipped", "scratch"] = Field(
+        "shipped", description="shipped: the product's denoiser pretrained on procedural pictures, for this "
+                               "profile and colour mode where there is one (small), else scratch")
     grad_checkpointing: bool = Field(False, description="recompute denoiser activations to save memory")
     num_workers: int = Field(1, ge=0, description="data-loader processes for synthesis")
 

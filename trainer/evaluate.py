@@ -7,10 +7,11 @@ import torch
 
 from trainer import run_dir as files
 from trainer.config import ConfigError, TrainConfig
+from trainer.data.color import CHANNELS
 from trainer.data.mvtec import read_mask, read_rgb, scan_mvtec
 from trainer.evaluation.metrics import compute_metrics, resize_for_metrics, verdict_metrics
 from trainer.evaluation.report import write_curves, write_sample_grid, write_score_histogram
-from trainer.fused import uint8_nhwc_to_unit_range, unit_range_to_uint8_nhwc
+from trainer.fused import model_input, unit_range_to_uint8_nhwc
 from trainer.model import DiffusionAD
 from trainer.profiles import get_profile
 from trainer.radar_fit import fit_radar, load_radar
@@ -23,8 +24,10 @@ def load_run(run: Path) -> tuple[TrainConfig, DiffusionAD, dict]:
     for name in (files.CONFIG, files.WEIGHTS, files.THRESHOLDS):
         if not (run / name).is_file():
             raise ConfigError(f"{run}: not a finished training run (missing {name})")
-    cfg = TrainConfig.model_validate(files.read_json(run / files.CONFIG)["train"])
-    model = DiffusionAD(get_profile(cfg.profile))
+    config = files.read_json(run / files.CONFIG)
+    cfg = TrainConfig.model_validate(config["train"])
+    # Runs from before gray models were RGB.
+    model = DiffusionAD(get_profile(cfg.profile), CHANNELS[config["data"].get("color", {"mode": "rgb"})["mode"]])
     files.load_weights(run / files.WEIGHTS, model)
     return cfg, model.eval(), files.read_json(run / files.THRESHOLDS)
 
@@ -94,8 +97,7 @@ def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_s
 
     out.mkdir(parents=True, exist_ok=True)
     picks = np.unique(np.linspace(0, len(images) - 1, min(report_samples, len(images))).round().astype(int))
-    x0 = uint8_nhwc_to_unit_range(torch.from_numpy(images[picks]))
-    recon = unit_range_to_uint8_nhwc(fused.reconstruct(x0))
+    recon = unit_range_to_uint8_nhwc(fused.reconstruct(model_input(torch.from_numpy(images[picks]), model.channels)))
     mask_small = resize_for_metrics(masks[picks], size)
     titles = [f"{folder.test[i].defect}/{folder.test[i].image.name}  score {scores[i]:.3f}  "
               f"RADAR {radar_scores[i]:.3f}" for i in picks]

@@ -1,8 +1,8 @@
 """The fused one-step norm-guided inference: the whole graph that is exported to a bundle.
 
 uint8 RGB [B, H, W, 3] at model resolution in; anomaly_map [B, H, W] in [0, 1] and score [B] out.
-Normalisation, both noise scales, the batched denoiser call, guidance, segmenter and top-K
-score all live inside the graph; thresholds stay outside it.
+Normalisation, the reduction to gray for a gray model, both noise scales, the batched denoiser
+call, guidance, segmenter and top-K score all live inside the graph; thresholds stay outside it.
 """
 
 import numpy as np
@@ -13,10 +13,15 @@ from trainer.diffusion import linear_alpha_bars, norm_guided_x0, q_sample, top_k
 from trainer.method import MethodConfig
 
 
-def fixed_noise(seed: int, image_size: int) -> Tensor:
+# ITU-R BT.601 luma, as OpenCV's RGB2GRAY: a mono camera's frame, sent as RGB with equal channels,
+# comes back as its own gray values.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def fixed_noise(seed: int, image_size: int, channels: int = 3) -> Tensor:
     """The seeded noise pair (ε₁ for t_s, ε₂ for t_b), shared by every image of every batch."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn((2, 3, image_size, image_size), generator=generator)
+    return torch.randn((2, channels, image_size, image_size), generator=generator)
 
 
 def uint8_nhwc_to_unit_range(images: Tensor) -> Tensor:
@@ -25,10 +30,25 @@ def uint8_nhwc_to_unit_range(images: Tensor) -> Tensor:
     return images.float().permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
+def to_model_channels(images: Tensor, channels: int) -> Tensor:
+    """RGB [B, 3, H, W] → [B, channels, H, W]: unchanged for an RGB model, luma for a gray one."""
+    if channels == 3:
+        return images
+    red, green, blue = LUMA_WEIGHTS  # Python floats: the exported graph holds no extra tensor constant
+    return red * images[:, 0:1] + green * images[:, 1:2] + blue * images[:, 2:3]
+
+
+def model_input(images: Tensor, channels: int) -> Tensor:
+    """uint8 RGB [B, H, W, 3] → the model's input: [B, channels, H, W] in [-1, 1]. Training data and
+    every exported graph go through this one function."""
+    return to_model_channels(uint8_nhwc_to_unit_range(images), channels)
+
+
 def unit_range_to_uint8_nhwc(images: Tensor) -> np.ndarray:
-    """float [N, 3, H, W] in [-1, 1] → uint8 [N, H, W, 3]: the inverse of uint8_nhwc_to_unit_range,
-    exact for images that were uint8."""
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    """float [N, C, H, W] in [-1, 1] → uint8 RGB [N, H, W, 3], a gray image (C = 1) as three equal
+    channels: the inverse of model_input, exact for uint8 images (gray ones: with equal channels)."""
+    rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+    return ((rgb + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 class FusedInference(nn.Module):
@@ -38,15 +58,16 @@ class FusedInference(nn.Module):
         self.segmenter = segmenter
         self.guidance_w = method.guidance_w
         self.top_k = method.top_k
+        self.channels = denoiser.channels
         alpha_bars = linear_alpha_bars(method.num_timesteps, method.beta_start, method.beta_end)
         self.register_buffer("alpha_bar_s", alpha_bars[method.t_s].float().reshape(1))
         self.register_buffer("alpha_bar_b", alpha_bars[method.t_b].float().reshape(1))
         self.register_buffer("t_s", torch.tensor([float(method.t_s)]))
         self.register_buffer("t_b", torch.tensor([float(method.t_b)]))
-        self.register_buffer("noise", fixed_noise(method.noise_seed, image_size))
+        self.register_buffer("noise", fixed_noise(method.noise_seed, image_size, self.channels))
 
     def reconstruct(self, x0: Tensor) -> Tensor:
-        """Norm-guided one-step reconstruction x̂0_g of images in [-1, 1]: [B, 3, H, W]."""
+        """Norm-guided one-step reconstruction x̂0_g of model inputs (model_input): [B, C, H, W]."""
         batch = x0.shape[0]
         ab_s, ab_b = self.alpha_bar_s.expand(batch), self.alpha_bar_b.expand(batch)
         x_ts = q_sample(x0, ab_s, self.noise[0].expand_as(x0))
@@ -57,9 +78,9 @@ class FusedInference(nn.Module):
         return norm_guided_x0(x_ts, x_tb, eps_s, eps_b, ab_s, ab_b, self.guidance_w)
 
     def score(self, x0: Tensor) -> tuple[Tensor, Tensor]:
-        """Images in [-1, 1] [B, 3, H, W] → (anomaly_map [B, H, W], score [B])."""
+        """Model inputs [B, C, H, W] → (anomaly_map [B, H, W], score [B])."""
         anomaly_map = self.segmenter(torch.cat([x0, self.reconstruct(x0)], dim=1))[:, 0]
         return anomaly_map, top_k_mean(anomaly_map, self.top_k)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.score(uint8_nhwc_to_unit_range(images))
+        return self.score(model_input(images, self.channels))

@@ -10,11 +10,14 @@ from trainer.profiles import Profile
 
 
 class DiffusionAD(nn.Module):
-    def __init__(self, profile: Profile):
+    """channels: 3 for RGB parts, 1 for gray ones (the training data decides; config.json keeps it)."""
+
+    def __init__(self, profile: Profile, channels: int = 3):
         super().__init__()
         self.image_size = profile.image_size
-        self.denoiser = Denoiser(profile.denoiser, profile.image_size)
-        self.segmenter = Segmenter(profile.segmenter_channels)
+        self.channels = channels
+        self.denoiser = Denoiser(profile.denoiser, profile.image_size, channels)
+        self.segmenter = Segmenter(profile.segmenter_channels, in_channels=2 * channels)
 
     def fused(self, method: MethodConfig) -> FusedInference:
         """The one-step norm-guided inference graph over these (shared, not copied) networks."""

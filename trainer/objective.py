@@ -11,6 +11,16 @@ from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
 
 
+def denoise_both_scales(
+    denoiser: nn.Module, x0: Tensor, t_s: Tensor, t_b: Tensor, eps_s: Tensor, eps_b: Tensor, alpha_bars: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x0 noised at the small and the big scale, both through the denoiser in one call:
+    (x_ts, x_tb, ε̂_s, ε̂_b)."""
+    x_ts, x_tb = q_sample(x0, alpha_bars[t_s], eps_s), q_sample(x0, alpha_bars[t_b], eps_b)
+    eps_s_hat, eps_b_hat = denoiser(torch.cat([x_ts, x_tb]), torch.cat([t_s, t_b])).chunk(2)
+    return x_ts, x_tb, eps_s_hat, eps_b_hat
+
+
 class JointObjective(nn.Module):
     """L = L_noise (normal half only) + L_mask, with x̂0_g not detached (mask gradients reach the
     denoiser). All randomness (timesteps, noise) comes in as arguments, so a step is reproducible."""
@@ -28,12 +38,12 @@ class JointObjective(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Batch of B normal + B synthetic images → (total, noise, mask) losses.
 
-        t_s, t_b: long [2B]; eps_*_true: [2B, 3, H, W]."""
+        t_s, t_b: long [2B]; eps_*_true: [2B, C, H, W], C the model's channels."""
         n = normal.shape[0]
         x0 = torch.cat([normal, anomalous])
         ab_s, ab_b = self.alpha_bars[t_s], self.alpha_bars[t_b]
-        x_ts, x_tb = q_sample(x0, ab_s, eps_s_true), q_sample(x0, ab_b, eps_b_true)
-        eps_s, eps_b = self.model.denoiser(torch.cat([x_ts, x_tb]), torch.cat([t_s, t_b])).chunk(2)
+        x_ts, x_tb, eps_s, eps_b = denoise_both_scales(self.model.denoiser, x0, t_s, t_b, eps_s_true, eps_b_true,
+                                                       self.alpha_bars)
         l_noise = noise_loss(eps_s_true[:n], eps_s[:n]) + noise_loss(eps_b_true[:n], eps_b[:n])
         x0_g = norm_guided_x0(x_ts, x_tb, eps_s, eps_b, ab_s, ab_b, self.guidance_w)
         logits = self.model.segmenter.logits(torch.cat([x0, x0_g], dim=1))

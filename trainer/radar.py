@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from trainer.diffusion import linear_alpha_bars, q_sample
-from trainer.fused import fixed_noise, uint8_nhwc_to_unit_range
+from trainer.fused import fixed_noise, model_input
 from trainer.method import MethodConfig
 
 BLUR_KSIZE = 5   # RADAR's Gaussian blur of the discrepancy
@@ -104,19 +104,20 @@ class RadarInference(nn.Module):
         self.constants = constants
         self.window = constants.window
         self.discrepancy = constants.discrepancy
+        self.channels = denoiser.channels
         alpha_bars = linear_alpha_bars(method.num_timesteps, method.beta_start, method.beta_end)
         self.register_buffer("alpha_bar", alpha_bars[constants.t].float().reshape(1))
         self.register_buffer("t", torch.tensor([float(constants.t)]))
         self.register_buffer("map_scale", torch.tensor([constants.map_scale]))
         # The norm-guided head's ε₁: one seeded draw serves both heads.
-        self.register_buffer("noise", fixed_noise(method.noise_seed, image_size)[:1])
+        self.register_buffer("noise", fixed_noise(method.noise_seed, image_size, self.channels)[:1])
         smooth, derivative = sobel_kernels(SOBEL_KSIZE, torch.float32)
         self.register_buffer("blur", binomial_kernel(BLUR_KSIZE, torch.float32))
         self.register_buffer("sobel_smooth", smooth)
         self.register_buffer("sobel_derivative", derivative)
 
     def discrepancies(self, x0: Tensor) -> dict[str, Tensor]:
-        """Images in [-1, 1] [B, 3, H, W] → both discrepancies from one denoiser pass, by name."""
+        """Model inputs [B, C, H, W] → both discrepancies from one denoiser pass, by name."""
         batch = x0.shape[0]
         noise = self.noise.expand_as(x0)
         eps_hat = self.denoiser(q_sample(x0, self.alpha_bar.expand(batch), noise), self.t.expand(batch))
@@ -126,13 +127,13 @@ class RadarInference(nn.Module):
         return edge_response(discrepancy, self.blur, self.sobel_smooth, self.sobel_derivative)
 
     def response(self, x0: Tensor) -> Tensor:
-        """Images in [-1, 1] [B, 3, H, W] → edge response of the noise discrepancy [B, H, W]."""
+        """Model inputs [B, C, H, W] → edge response of the noise discrepancy [B, H, W]."""
         return self.edge_response(self.discrepancies(x0)[self.discrepancy])
 
     def score(self, x0: Tensor) -> tuple[Tensor, Tensor]:
-        """Images in [-1, 1] → (anomaly_map [B, H, W], features [B, 2])."""
+        """Model inputs → (anomaly_map [B, H, W], features [B, 2])."""
         response = self.response(x0)
         return squash(response, self.map_scale), image_features(response, self.window)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.score(uint8_nhwc_to_unit_range(images))
+        return self.score(model_input(images, self.channels))

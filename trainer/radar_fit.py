@@ -12,7 +12,7 @@ from protocols.one_class import KnnNormalModel, fit_knn
 from trainer.data.training_set import ValidationSet
 from trainer.evaluation.calibration import calibrate
 from trainer.evaluation.metrics import image_auroc, pixel_ap
-from trainer.fused import uint8_nhwc_to_unit_range
+from trainer.fused import model_input
 from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
 from trainer.radar import DISCREPANCIES, T_CANDIDATES, RadarConstants, RadarInference, feature_window, image_features
@@ -68,7 +68,7 @@ def choose_constants(model: DiffusionAD, method: MethodConfig, val: ValidationSe
 
 @torch.no_grad()
 def radar_outputs(head: RadarInference, images: torch.Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Images in [-1, 1] → (anomaly maps [N, H, W], features [N, 2])."""
+    """Model inputs → (anomaly maps [N, H, W], features [N, 2])."""
     outputs = [head.score(chunk.to(device)) for chunk in images.split(BATCH)]
     return (torch.cat([m.cpu() for m, _ in outputs]).numpy(), torch.cat([f.cpu() for _, f in outputs]).numpy())
 
@@ -84,7 +84,7 @@ def fit_radar(model: DiffusionAD, method: MethodConfig, val: ValidationSet, cali
     _, normal_features = radar_outputs(head, val.normal, device)
     knn, _ = fit_knn(normal_features)
     calibration_maps, calibration_features = radar_outputs(
-        head, uint8_nhwc_to_unit_range(torch.from_numpy(calibration)), device)
+        head, model_input(torch.from_numpy(calibration), model.channels), device)
     anomalous_maps, anomalous_features = radar_outputs(head, val.anomalous, device)
     by_rate = calibrate("false_reject_rate", knn.score(calibration_features), calibration_maps,
                         false_reject_rate=false_reject_rate)

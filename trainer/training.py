@@ -19,12 +19,15 @@ from tqdm import tqdm
 
 from trainer import run_dir as files
 from trainer.config import ConfigError, TrainConfig
+from trainer.data.color import CHANNELS, GRAY_MAX_COLORED_SHARE, choose_color
 from trainer.data.foreground import AUTO_OBJECT_SHARE, choose_foreground, foreground_mask, load_user_masks
 from trainer.data.mvtec import DataError, HoldoutSplit, read_rgb, scan_mvtec, split_holdout
 from trainer.data.synthesis import AnomalySynthesizer, list_textures
 from trainer.data.training_set import TrainingPairs, ValidationSet
 from trainer.model import DiffusionAD
 from trainer.objective import JointObjective, draw_step_randomness, lr_factor
+from trainer.precision import autocast, resolve_precision
+from trainer.pretrain import load_pretrained, shipped_denoiser
 from trainer.profiles import get_profile
 from trainer.radar_fit import fit_radar
 from trainer.validation import calibrate_run, validate
@@ -70,7 +73,12 @@ class PreparedData:
     calibration: np.ndarray  # uint8 [N, H, W, 3] good images that set the thresholds, and nothing else
     split: HoldoutSplit
     foreground: dict  # the mode synthesis used and who chose it (config.json)
+    color: dict  # rgb | gray, and who chose it (config.json)
     fingerprint: str
+
+    @property
+    def channels(self) -> int:
+        return CHANNELS[self.color["mode"]]
 
 
 def fingerprint_files(root: Path, paths: list[Path]) -> str:
@@ -95,6 +103,11 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
     textures = list_textures(cfg.textures) if cfg.textures else []
     train_images = np.stack([read_rgb(p, size) for p in train_paths])
     val_images = np.stack([read_rgb(p, size) for p in val_paths])
+    if cfg.color == "auto":
+        color_mode, colored = choose_color(train_images)
+        color = {"mode": color_mode, "chosen_by": "auto", "pixels_with_color": round(colored, 4)}
+    else:
+        color_mode, color = cfg.color, {"mode": cfg.color, "chosen_by": "config"}
     if cfg.foreground == "auto":
         mode, object_share = choose_foreground(train_images)
         foreground = {"mode": mode, "chosen_by": "auto", "images_showing_an_object": round(object_share, 3)}
@@ -110,21 +123,28 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
 
     train_fg, val_fg = foregrounds(train_paths, train_images), foregrounds(val_paths, val_images)
     return PreparedData(
-        train=TrainingPairs(train_images, train_fg, synthesizer, cfg.seed),
-        validation=ValidationSet(val_images, val_fg, synthesizer, cfg.seed + 1),
+        train=TrainingPairs(train_images, train_fg, synthesizer, cfg.seed, CHANNELS[color_mode]),
+        validation=ValidationSet(val_images, val_fg, synthesizer, cfg.seed + 1, CHANNELS[color_mode]),
         calibration=np.stack([read_rgb(p, size) for p in split.calibration]),
         fingerprint=fingerprint_files(data_dir, list(folder.train)),
         split=split,
         foreground=foreground,
+        color=color,
     )
 
 
-def autocast(precision: str, device: torch.device):
-    """bf16 on GPUs and CPUs (oneDNN; AMX or AVX-512 BF16 where the CPU has them); fp16 on GPUs
-    only (never measured on a CPU; there it trains fp32)."""
-    if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+def start_decisions(data: PreparedData, session: "TrainingSession") -> list[str]:
+    """What the run decided for itself before its first step, one line each (config.json keeps them)."""
+    lines = [f"precision: {session.precision} ({session.precision_reason})"]
+    if data.color["chosen_by"] == "auto":
+        lines.append(f"color: {data.color['mode']} ({data.color['pixels_with_color']:.2%} of the training pixels "
+                     f"have colour; gray below {GRAY_MAX_COLORED_SHARE:.0%})")
+    if data.foreground["chosen_by"] == "auto":
+        lines.append(f"foreground: {data.foreground['mode']} ({data.foreground['images_showing_an_object']:.0%} of "
+                     f"the training images show an object on a background; object from {AUTO_OBJECT_SHARE:.0%})")
+    start = session.denoiser_start
+    lines.append(f"denoiser: from {start['weights']}" if start["weights"] else f"denoiser: from scratch ({start['why']})")
+    return lines
 
 
 def fit(data_dir: Path, run: Path, cfg: TrainConfig, limits: RunLimits, resume: bool = False) -> dict:
@@ -138,10 +158,8 @@ def fit(data_dir: Path, run: Path, cfg: TrainConfig, limits: RunLimits, resume: 
             limits = session.restore(limits)
         elif ddp.is_main:
             session.write_config()
-        if ddp.is_main and data.foreground["chosen_by"] == "auto":
-            share = data.foreground["images_showing_an_object"]
-            print(f"foreground: {data.foreground['mode']} ({share:.0%} of the training images show an object "
-                  f"on a background; object from {AUTO_OBJECT_SHARE:.0%})")
+        if ddp.is_main:
+            print("\n".join(start_decisions(data, session)))
         try:
             session.train(limits)
         except KeyboardInterrupt:
@@ -160,10 +178,13 @@ class TrainingSession:
     def __init__(self, data_dir: Path, run: Path, cfg: TrainConfig, data: PreparedData, ddp: Distributed):
         self.data_dir, self.run, self.cfg, self.data, self.ddp = data_dir, run, cfg, data, ddp
         self.size = get_profile(cfg.profile).image_size
+        self.precision, self.precision_reason = resolve_precision(cfg.precision, ddp.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         # channels_last: oneDNN / cuDNN convolutions run faster on NHWC (≈1.2× per CPU step here).
-        self.model = DiffusionAD(get_profile(cfg.profile)).to(ddp.device, memory_format=torch.channels_last)
+        self.model = DiffusionAD(get_profile(cfg.profile), data.channels).to(ddp.device,
+                                                                             memory_format=torch.channels_last)
         self.model.denoiser.grad_checkpointing = cfg.grad_checkpointing
+        self.denoiser_start = self._start_denoiser()
         objective = JointObjective(self.model, cfg.method).to(ddp.device)
         self.objective = DistributedDataParallel(objective) if ddp.world_size > 1 else objective
         self.optimizer = torch.optim.Adam(
@@ -172,7 +193,7 @@ class TrainingSession:
             weight_decay=cfg.weight_decay,
         )
         self.base_lrs = [cfg.lr_denoiser, cfg.lr_segmenter]
-        self.scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and ddp.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         self.noise_gen = torch.Generator().manual_seed(cfg.seed * 1000 + ddp.rank)
         self.sampler = DistributedSampler(data.train, ddp.world_size, ddp.rank, shuffle=True, seed=cfg.seed,
                                           drop_last=True)
@@ -182,6 +203,15 @@ class TrainingSession:
                             f"({cfg.batch_size} per process × {ddp.world_size}); lower batch_size")
         self.step, self.elapsed, self.best = 0, 0.0, {"selection": -1.0, "step": 0}
 
+    def _start_denoiser(self) -> dict:
+        """Load the shipped pretrained denoiser where the config asks for it and one exists; say which."""
+        shipped = shipped_denoiser(self.cfg.profile, self.data.color["mode"])
+        if self.cfg.denoiser_start == "scratch":
+            return {"weights": None, "why": "scratch set in the config"}
+        if not shipped.is_file():
+            return {"weights": None, "why": f"no shipped denoiser for {self.cfg.profile} {self.data.color['mode']}"}
+        return {"weights": shipped.name, "sha256": load_pretrained(self.model.denoiser, shipped)}
+
     def write_config(self) -> None:
         files.write_json(self.run / files.CONFIG, {
             "train": self.cfg.model_dump(mode="json"),
@@ -190,8 +220,10 @@ class TrainingSession:
                      # By name: which good images chose the model and which set its thresholds.
                      "selection_images": [p.name for p in self.data.split.selection],
                      "calibration_images": [p.name for p in self.data.split.calibration],
-                     "foreground": self.data.foreground},
+                     "foreground": self.data.foreground, "color": self.data.color},
             "world_size": self.ddp.world_size,
+            "precision": {"computed_in": self.precision, "why": self.precision_reason},
+            "denoiser_start": self.denoiser_start,
         })
 
     def restore(self, limits: RunLimits) -> RunLimits:
@@ -236,10 +268,10 @@ class TrainingSession:
         self.model.train()
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * lr_scale
-        randomness = draw_step_randomness(2 * self.cfg.batch_size, (3, self.size, self.size), self.cfg.method,
-                                          self.noise_gen)
+        randomness = draw_step_randomness(2 * self.cfg.batch_size, (self.model.channels, self.size, self.size),
+                                          self.cfg.method, self.noise_gen)
         inputs = [batch["normal"], batch["anomalous"], batch["mask"], *randomness]
-        with autocast(self.cfg.precision, self.ddp.device):
+        with autocast(self.precision, self.ddp.device):
             total, l_noise, l_mask = self.objective(*(x.to(self.ddp.device, non_blocking=True) for x in inputs))
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss became {total.item()} at step {self.step}; lower the learning rates")

@@ -15,7 +15,7 @@ from trainer.model import DiffusionAD
 @torch.no_grad()
 def score_images(model: DiffusionAD, method: MethodConfig, images: torch.Tensor, device: torch.device,
                  batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Deployment inference (fixed noise, t_s/t_b) on [-1, 1] images → (maps [N,H,W], scores [N])."""
+    """Deployment inference (fixed noise, t_s/t_b) on model inputs → (maps [N,H,W], scores [N])."""
     was_training = model.training
     fused = model.eval().fused(method).to(device)
     maps, scores = [], []
@@ -44,7 +44,7 @@ def calibrate_run(model: DiffusionAD, cfg: TrainConfig, calibration: np.ndarray,
     was neither trained nor selected on); `default` is the false-reject-rate one (needs no defects).
 
     max-F1 here takes the selection split's synthetic anomalies as its labelled defects."""
-    normal = torch.stack([to_model_range(image) for image in calibration])
+    normal = torch.stack([to_model_range(image, model.channels) for image in calibration])
     normal_maps, normal_scores = score_images(model, cfg.method, normal, device)
     anomal_maps, anomal_scores = score_images(model, cfg.method, val.anomalous, device)
     by_rate = calibrate("false_reject_rate", normal_scores, normal_maps, false_reject_rate=cfg.false_reject_rate)

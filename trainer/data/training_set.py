@@ -5,11 +5,12 @@ import torch
 from torch.utils.data import Dataset
 
 from trainer.data.synthesis import AnomalySynthesizer
+from trainer.fused import model_input
 
 
-def to_model_range(image: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / 127.5 - 1)
+def to_model_range(image: np.ndarray, channels: int) -> torch.Tensor:
+    """uint8 RGB [H, W, 3] → float32 [channels, H, W] in [-1, 1], as the exported graph computes it."""
+    return model_input(torch.from_numpy(image)[None], channels)[0]
 
 
 def _check_arrays(images: np.ndarray, foregrounds: np.ndarray) -> None:
@@ -21,11 +22,12 @@ def _check_arrays(images: np.ndarray, foregrounds: np.ndarray) -> None:
 
 
 def _synthesize(
-    synthesizer: AnomalySynthesizer, image: np.ndarray, foreground: np.ndarray, rng: np.random.Generator
+    synthesizer: AnomalySynthesizer, image: np.ndarray, foreground: np.ndarray, rng: np.random.Generator,
+    channels: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(anomalous [3, H, W] in [-1, 1], mask [1, H, W])."""
+    """(anomalous [channels, H, W] in [-1, 1], mask [1, H, W]); synthesis itself works in RGB."""
     synthetic, mask = synthesizer(image, foreground, rng)
-    return to_model_range(synthetic), torch.from_numpy(mask)[None]
+    return to_model_range(synthetic, channels), torch.from_numpy(mask)[None]
 
 
 class TrainingPairs(Dataset):
@@ -36,9 +38,10 @@ class TrainingPairs(Dataset):
     """
 
     def __init__(
-        self, images: np.ndarray, foregrounds: np.ndarray, synthesizer: AnomalySynthesizer, seed: int
+        self, images: np.ndarray, foregrounds: np.ndarray, synthesizer: AnomalySynthesizer, seed: int, channels: int
     ):
         _check_arrays(images, foregrounds)
+        self.channels = channels
         self.images = images
         self.foregrounds = foregrounds
         self.synthesizer = synthesizer
@@ -55,21 +58,22 @@ class TrainingPairs(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         # A random base image, so the normal and anomalous halves of a batch are not matched pairs.
         source = (index + int(rng.integers(len(self)))) % len(self)
-        anomalous, mask = _synthesize(self.synthesizer, self.images[source], self.foregrounds[source], rng)
-        return {"normal": to_model_range(self.images[index]), "anomalous": anomalous, "mask": mask}
+        anomalous, mask = _synthesize(self.synthesizer, self.images[source], self.foregrounds[source], rng,
+                                      self.channels)
+        return {"normal": to_model_range(self.images[index], self.channels), "anomalous": anomalous, "mask": mask}
 
 
 class ValidationSet:
     """Normal validation images with one fixed synthetic anomaly each, made from the same image."""
 
     def __init__(
-        self, images: np.ndarray, foregrounds: np.ndarray, synthesizer: AnomalySynthesizer, seed: int
+        self, images: np.ndarray, foregrounds: np.ndarray, synthesizer: AnomalySynthesizer, seed: int, channels: int
     ):
         _check_arrays(images, foregrounds)
         pairs = [
-            _synthesize(synthesizer, image, foreground, np.random.default_rng([seed, index]))
+            _synthesize(synthesizer, image, foreground, np.random.default_rng([seed, index]), channels)
             for index, (image, foreground) in enumerate(zip(images, foregrounds))
         ]
-        self.normal = torch.stack([to_model_range(image) for image in images])  # [N, 3, H, W]
-        self.anomalous = torch.stack([anomalous for anomalous, _ in pairs])  # [N, 3, H, W]
+        self.normal = torch.stack([to_model_range(image, channels) for image in images])  # [N, C, H, W]
+        self.anomalous = torch.stack([anomalous for anomalous, _ in pairs])  # [N, C, H, W]
         self.masks = torch.stack([mask for _, mask in pairs])  # [N, 1, H, W]

@@ -101,10 +101,11 @@ class Stage(nn.ModuleList):
 
 
 class Denoiser(nn.Module):
-    """ε_θ(x_t, t): predicts the noise added to a [-1, 1] RGB image at timestep t."""
+    """ε_θ(x_t, t): predicts the noise added to a [-1, 1] image (RGB, or gray) at timestep t."""
 
-    def __init__(self, cfg: DenoiserConfig, image_size: int):
+    def __init__(self, cfg: DenoiserConfig, image_size: int, channels: int = 3):
         super().__init__()
+        self.channels = channels
         base, groups, drop = cfg.base_channels, cfg.norm_groups, cfg.dropout
         emb_dim = 4 * base
         self.base_channels = base
@@ -119,7 +120,7 @@ class Denoiser(nn.Module):
                 blocks.append(AttentionBlock(ch, cfg.num_heads, groups))
             return blocks
 
-        self.input_conv = nn.Conv2d(3, base, 3, padding=1)
+        self.input_conv = nn.Conv2d(channels, base, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [base]
         ch, side = base, image_size
@@ -145,7 +146,7 @@ class Denoiser(nn.Module):
                     side *= 2
                 self.up.append(Stage(blocks))
 
-        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), _zero(nn.Conv2d(ch, 3, 3, padding=1)))
+        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), _zero(nn.Conv2d(ch, channels, 3, padding=1)))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(x.dtype))

@@ -20,7 +20,7 @@ class Segmenter(nn.Module):
     The decoder stage fed by encoder level j outputs ``channels[max(j-1, 0)]`` channels.
     """
 
-    def __init__(self, channels: tuple[int, ...], in_channels: int = 6):
+    def __init__(self, channels: tuple[int, ...], in_channels: int):
         super().__init__()
         self.encoder = nn.ModuleList(
             _double_conv(in_channels if j == 0 else channels[j - 1], c) for j, c in enumerate(channels)
@@ -36,7 +36,7 @@ class Segmenter(nn.Module):
         self.head = nn.Conv2d(ch, 1, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        """[B, 6, H, W] → anomaly probability [B, 1, H, W] (H, W divisible by 2^(levels-1))."""
+        """[B, 2C, H, W] (image and reconstruction) → anomaly probability [B, 1, H, W] (H, W divisible by 2^(levels-1))."""
         return torch.sigmoid(self.logits(x))
 
     def logits(self, x: Tensor) -> Tensor:

@@ -1,0 +1,110 @@
+"""Accuracy per CPU budget: trains `small` with the product's defaults (no config) on each shared
+set for M minutes of wall time, evaluates both heads on the set's test split, and writes the table
+to docs/accuracy.md. Not part of `make bench` (an hour a set at the README's budget).
+
+    .venv/bin/python bench/accuracy.py --minutes 60 [--sets bottle magnetic_tile hazelnut]
+
+Results are kept per (set, minutes) in docs/accuracy.json with their machine, date and command, and
+the Markdown is rebuilt from all of them: sets may be measured in separate sittings, one after the
+other, never two at once (they would share the cores).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from machine import describe
+
+REPO = Path(__file__).resolve().parents[1]
+SETS = ("bottle", "magnetic_tile", "hazelnut")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
+HEADS = (("norm-guided", lambda m: m), ("radar", lambda m: m["radar"]))
+
+
+def trainer(*args: str) -> None:
+    """`trainer ARGS` in this environment; its output goes to the terminal."""
+    subprocess.run([str(Path(sys.executable).parent / "trainer"), *args], check=True)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def steps_reached(run: Path) -> int:
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return max(record["validation"]["step"] for record in log if "validation" in record)
+
+
+def verdicts(metrics: dict) -> dict:
+    """At the head's shipped threshold: false rejects of test good parts and escapes of defective ones."""
+    counts = metrics["verdicts"]["counts"]
+    return {"false_rejects": counts["false_reject"], "good": counts["false_reject"] + counts["true_pass"],
+            "escapes": counts["escape"], "defective": counts["escape"] + counts["true_fail"]}
+
+
+def measure(name: str, data: Path, minutes: float, runs: Path) -> dict:
+    run = runs / f"{name}-{minutes:g}min"
+    if run.exists():
+        sys.exit(f"accuracy: {run} exists; remove it or pass another --runs")
+    trainer("fit", str(data), "--out", str(run), "--time-limit", f"{minutes:g}m")
+    trainer("eval", str(run), str(data), "--out", str(run / "eval"))
+    metrics, config = read_json(run / "eval" / "metrics.json"), read_json(run / "config.json")
+    selection = {"norm-guided": read_json(run / "validation.json")["selection"],
+                 "radar": read_json(run / "radar.json")["validation"]["selection"]}
+    return {
+        "set": name, "minutes": minutes, "steps": steps_reached(run),
+        "measured": f"{datetime.now(timezone.utc):%Y-%m-%d}", "machine": describe(),
+        "decisions": {"foreground": config["data"]["foreground"]["mode"],
+                      "color": config["data"].get("color", {}).get("mode", "rgb"),
+                      "precision": config.get("precision", {}).get("computed_in", "fp32")},
+        "recommended_head": max(selection, key=selection.get),
+        "heads": {head: {**{k: pick(metrics)[k] for k in METRICS}, **verdicts(pick(metrics))}
+                  for head, pick in HEADS},
+    }
+
+
+def markdown(results: list[dict], command: str) -> str:
+    lines = ["# Accuracy per CPU budget", "",
+             "`small` profile, the product's defaults (no config file), trained for the stated wall-clock "
+             "minutes on the machine named below each set, then both heads evaluated on the set's test split "
+             "(never seen in training). Verdicts are at the threshold the run shipped (1 % false rejects "
+             "stated on good parts). Written by `bench/accuracy.py`:", "", f"```sh\n.venv/bin/python {command}\n```", "",
+             "| set | minutes | steps | decisions | head | image AUROC | pixel AUROC | AUPRO (0.3) | pixel AP "
+             "| image F1max | false rejects (test good) | escapes (test defective) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        decided = ", ".join(f"{k} {v}" for k, v in r["decisions"].items())
+        for head, figures in r["heads"].items():
+            label = f"{head} (recommended)" if head == r["recommended_head"] else head
+            cells = " | ".join(f"{100 * figures[k]:.1f}" for k in METRICS)
+            lines.append(f"| {r['set']} | {r['minutes']:g} | {r['steps']} | {decided} | {label} | {cells} | "
+                         f"{figures['false_rejects']}/{figures['good']} | {figures['escapes']}/{figures['defective']} |")
+    lines += ["", "Measured on:", ""]
+    lines += [f"- {r['set']}, {r['minutes']:g} min ({r['measured']}): {r['machine']}" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, required=True, help="training wall time per set")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    parser.add_argument("--datasets", type=Path, default=REPO.parent / "shared" / "datasets")
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "accuracy", help="where the runs are kept")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "accuracy.md")
+    args = parser.parse_args()
+    store = args.out.with_suffix(".json")
+    results = read_json(store) if store.is_file() else []
+    for name in args.sets:
+        result = measure(name, args.datasets / name, args.minutes, args.runs)
+        results = [r for r in results if (r["set"], r["minutes"]) != (name, args.minutes)] + [result]
+        results.sort(key=lambda r: (SETS.index(r["set"]), r["minutes"]))
+        store.write_text(json.dumps(results, indent=2) + "\n")  # after every set: a later failure keeps it
+        args.out.write_text(markdown(results, "bench/accuracy.py --minutes M --sets SET [SET ...]"))
+        print(f"{name}: written to {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
