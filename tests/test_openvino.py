@@ -4,6 +4,8 @@ serving each at the precision its parity was measured at."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +218,28 @@ def test_export_without_bf16_on_its_cpu_builds_no_bf16_file_and_says_why(export,
                              load_held_out(tiny_run))
     assert "norm-guided head: bf16 OpenVINO file not built: this CPU lacks avx512_bf16" in capsys.readouterr().out
     assert {f.precision for f in entries} <= {"fp32", "int8"} and not list(tmp_path.glob("*bf16*"))
+
+
+# Run in a child: without the shared Core the signal kills the interpreter, which would take pytest with it.
+SIGNAL_AFTER_HOT_SWAP = """
+import gc, os, signal
+import numpy as np, openvino, openvino.opset13 as ops
+from edge.runtime.openvino import compile_cpu
+
+def relu_model():
+    x = ops.parameter([1, 4], np.float32)
+    return openvino.Model([ops.relu(x)], [x])
+
+old = compile_cpu(relu_model(), "fp32")
+new = compile_cpu(relu_model(), "fp32")
+del old; gc.collect()  # a hot swap releases the old model first
+del new; gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)
+"""
+
+
+def test_a_signal_after_models_are_released_in_load_order_is_handled():
+    child = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_HOT_SWAP], capture_output=True, text=True, timeout=120,
+                           cwd=Path(__file__).resolve().parents[1])
+    assert child.returncode == 0 and child.stdout == "handled\n", (child.returncode, child.stderr[-2000:])

@@ -5,7 +5,9 @@ OpenVINO finds by the XML's name): OpenVINO parses the one and reads the other a
 unpickled and no code comes from the bundle; OpenVINO's own CPU plugin compiles the graph at load.
 The files loaded are the verified private copies."""
 
+import functools
 import importlib.util
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,11 +27,29 @@ if TYPE_CHECKING:  # imported when used: a station without it still loads the ot
 INFERENCE_PRECISION = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}
 
 
-def compile_cpu(model: "openvino.Model", precision: Precision) -> "openvino.CompiledModel":
-    """An OpenVINO model compiled as the station runs a file of that precision."""
+_CORE_LOCK = threading.Lock()
+
+
+@functools.cache
+def _create_core() -> "openvino.Core":
     import openvino
 
-    return openvino.Core().compile_model(model, "CPU", {
+    return openvino.Core()
+
+
+def shared_core() -> "openvino.Core":
+    """The process's one OpenVINO Core, never released. Each Core loads its own CPU plugin, which
+    installs its own signal stack (sigaltstack) on the loading thread and, when released, puts back
+    the one it found: Cores released in the order they were made (the old model after a hot swap)
+    leave a freed stack installed, and the next signal Python handles on that thread (systemd's
+    SIGTERM) kills the process with SIGSEGV."""
+    with _CORE_LOCK:  # two concurrent first calls would make a second Core and release one
+        return _create_core()
+
+
+def compile_cpu(model: "openvino.Model", precision: Precision) -> "openvino.CompiledModel":
+    """An OpenVINO model compiled as the station runs a file of that precision."""
+    return shared_core().compile_model(model, "CPU", {
         "INFERENCE_NUM_THREADS": torch.get_num_threads(),  # the share of the cores torch was given
         "PERFORMANCE_HINT": "LATENCY",  # one stream: a batch at a time, as the daemon sends them
         "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision],
@@ -46,9 +66,7 @@ class OpenVinoCpuBackend(Backend):
         return importlib.util.find_spec("openvino") is not None
 
     def __init__(self, path: Path, entry: BundleFile, manifest: Manifest):
-        import openvino
-
-        self.compiled = compile_cpu(openvino.Core().read_model(path), entry.precision)
+        self.compiled = compile_cpu(shared_core().read_model(path), entry.precision)
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, second = self.compiled(images).to_tuple()

@@ -20,7 +20,7 @@ import openvino as ov
 import torch
 
 from edge.runtime.cpu_features import station_cpu_features
-from edge.runtime.openvino import compile_cpu
+from edge.runtime.openvino import compile_cpu, shared_core
 from protocols.bundle import BundleFile, InputSpec, ParitySpec, Precision, sha256_file
 from trainer import run_dir as files
 from trainer.config import ConfigError, TrainConfig
@@ -158,7 +158,7 @@ def _parity_of_file(xml: Path, precision: Precision, held_out: HeldOut, image_sc
                     fp32_scores: np.ndarray, threshold: float, max_batch: int) -> ParitySpec | str:
     """The saved file, compiled as a station compiles it, against the fp32 program's scores: its
     parity, or why it may not ship."""
-    compiled = compile_cpu(ov.Core().read_model(xml), precision)
+    compiled = compile_cpu(shared_core().read_model(xml), precision)
     scores = image_scores(score_in_batches(as_graph(compiled), held_out.images, max_batch)[1])
     if not np.isfinite(scores).all():
         return "it scores held-out images NaN or infinite"
