@@ -85,7 +85,7 @@ def pretrain(profile_name: str, color: str, time_limit_s: float, out: Path, seed
     metadata = {"profile": profile_name, "color": color, "steps": str(step), "images": str(step * BATCH),
                 "minutes": f"{(time.perf_counter() - start) / 60:.1f}", "final_noise_loss": f"{loss:.4f}",
                 "precision": precision, "seed": str(seed), "torch": torch.__version__}
-    # fp16 halves the shipped file (6 MB for small); it is only a starting point, trained on further in fp32.
+    # fp16 halves the shipped file (6 MB for small); it is only a starting point, loaded into fp32 weights and trained on.
     state = {k: v.detach().half().contiguous() for k, v in denoiser.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata=metadata)

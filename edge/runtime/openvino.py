@@ -39,10 +39,11 @@ def _create_core() -> "openvino.Core":
 
 def shared_core() -> "openvino.Core":
     """The process's one OpenVINO Core, never released. Each Core loads its own CPU plugin, which
-    installs its own signal stack (sigaltstack) on the loading thread and, when released, puts back
-    the one it found: Cores released in the order they were made (the old model after a hot swap)
-    leave a freed stack installed, and the next signal Python handles on that thread (systemd's
-    SIGTERM) kills the process with SIGSEGV."""
+    installs its own signal stack (sigaltstack) on the thread that makes it and, when released,
+    puts back on the releasing thread the one it found: two Cores made and released on one thread
+    in the order they were made leave a freed stack installed, and the next signal Python handles
+    on that thread kills the process with SIGSEGV (seen in the test suite: export, then a child
+    process exiting)."""
     with _CORE_LOCK:  # two concurrent first calls would make a second Core and release one
         return _create_core()
 
