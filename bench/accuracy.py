@@ -11,6 +11,7 @@ other, never two at once (they would share the cores).
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -45,8 +46,12 @@ def verdicts(metrics: dict) -> dict:
             "escapes": counts["escape"], "defective": counts["escape"] + counts["true_fail"]}
 
 
+def run_folder(runs: Path, name: str, minutes: float) -> Path:
+    return runs / f"{name}-{minutes:g}min"
+
+
 def measure(name: str, data: Path, minutes: float, runs: Path) -> dict:
-    run = runs / f"{name}-{minutes:g}min"
+    run = run_folder(runs, name, minutes)
     if run.exists():
         sys.exit(f"accuracy: {run} exists; remove it or pass another --runs")
     trainer("fit", str(data), "--out", str(run), "--time-limit", f"{minutes:g}m")
@@ -84,7 +89,16 @@ def markdown(results: list[dict], command: str) -> str:
                          f"{figures['false_rejects']}/{figures['good']} | {figures['escapes']}/{figures['defective']} |")
     lines += ["", "Measured on:", ""]
     lines += [f"- {r['set']}, {r['minutes']:g} min ({r['measured']}): {r['machine']}" for r in results]
+    lines += ["", "Test images of each run as `trainer eval` drew them (input, norm-guided reconstruction, both "
+              "heads' maps, ground truth; `good/...` rows show whether the reconstruction of a good part is "
+              "free of noise):", ""]
+    lines += [f"- [{r['set']}, {r['minutes']:g} min]({samples_picture(r['set'], r['minutes'])})" for r in results]
     return "\n".join(lines) + "\n"
+
+
+def samples_picture(name: str, minutes: float) -> str:
+    """Where a run's samples.png is kept, relative to docs/."""
+    return f"accuracy/{name}-{minutes:g}min-samples.png"
 
 
 def main() -> None:
@@ -99,6 +113,9 @@ def main() -> None:
     results = read_json(store) if store.is_file() else []
     for name in args.sets:
         result = measure(name, args.datasets / name, args.minutes, args.runs)
+        picture = args.out.parent / samples_picture(name, args.minutes)
+        picture.parent.mkdir(exist_ok=True)
+        shutil.copyfile(run_folder(args.runs, name, args.minutes) / "eval" / "samples.png", picture)
         results = [r for r in results if (r["set"], r["minutes"]) != (name, args.minutes)] + [result]
         results.sort(key=lambda r: (SETS.index(r["set"]), r["minutes"]))
         store.write_text(json.dumps(results, indent=2) + "\n")  # after every set: a later failure keeps it

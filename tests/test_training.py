@@ -17,7 +17,7 @@ from trainer.data.mvtec import read_rgb, scan_mvtec
 from trainer.evaluate import load_run
 from trainer.objective import lr_factor
 from trainer import precision as training_precision
-from trainer.config import ConfigError
+from trainer.config import ConfigError, reference_rows
 from trainer.precision import autocast
 from trainer.training import TrainingSession
 
@@ -239,6 +239,14 @@ def test_bad_input_is_one_clear_line_and_nothing_is_written(tmp_path, case):
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_readme_documents_every_training_setting_with_its_default():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for key, default, _ in reference_rows():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{key}` |")), None)
+        assert row is not None, f"README training configuration table lacks {key}"
+        assert f"| {default} |" in row, f"README row for {key} is stale: {row}"
 
 
 def test_unreadable_image_is_named(tmp_path):

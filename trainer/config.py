@@ -25,7 +25,7 @@ class TrainConfig(BaseModel):
             data = {"lr_denoiser": rate, "lr_segmenter": rate, **data}
         return data
 
-    profile: Literal[tuple(PROFILES)] = Field("small", description="model size: tiny | small | paper")
+    profile: Literal[tuple(PROFILES)] = Field("small", description="model size: tiny, small or paper")
     method: MethodConfig = MethodConfig()
     seed: int = Field(0, ge=0, description="seeds data split, synthesis, initialisation and noise draws")
     batch_size: int = Field(8, gt=0, description="normal images per step; as many synthetic ones are added")
@@ -33,7 +33,7 @@ class TrainConfig(BaseModel):
     lr_segmenter: float = Field(gt=0, description="default: the profile's learning rate")
     warmup_fraction: float = Field(0.02, ge=0, lt=1, description="linear warm-up, as a fraction of the run")
     final_lr_fraction: float = Field(0.05, ge=0, le=1, description="cosine decay ends at this fraction of the peak lr")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="Adam's L2 weight decay")
     epochs: int = Field(3000, gt=0, description="used when neither --max-steps nor --time-limit bounds the run")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train/good held out to choose the checkpoint")
     calibration_fraction: float = Field(0.2, gt=0, lt=1, description="share of train/good held out to set the "
@@ -45,17 +45,19 @@ class TrainConfig(BaseModel):
                             "(the decision is logged and kept in config.json)")
     color: Literal["auto", "rgb", "gray"] = Field(
         "auto", description="model channels; auto: gray (one channel) if under 1 % of the training pixels "
-                            "have colour, else rgb (the decision is logged and kept in config.json)")
+                            "have colour, else rgb (the decision is logged and kept in config.json; default measured: "
+                            "README, Colour mode)")
     foreground_masks: Path | None = Field(None, description="folder of user foreground masks (by image stem)")
     textures: Path | None = Field(None, description="folder of texture images used as anomaly source")
     texture_probability: float = Field(0.5, ge=0, le=1, description="chance of a texture source (objects)")
     false_reject_rate: float = Field(0.01, gt=0, lt=1, description="calibration target on normal images")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="training arithmetic; auto: bf16 on a CPU with AVX-512 BF16 or AMX, else fp32; "
-                            "bf16 on GPUs and CPUs, fp16 on CUDA GPUs only")
+                            "bf16 on GPUs and CPUs, fp16 on CUDA GPUs only (default measured: README, bf16 training)")
     denoiser_start: Literal["shipped", "scratch"] = Field(
         "shipped", description="shipped: the product's denoiser pretrained on procedural pictures, for this "
-                               "profile and colour mode where there is one (small), else scratch")
+                               "profile and colour mode where there is one (small), else scratch (default measured: "
+                               "README, Colour mode)")
     grad_checkpointing: bool = Field(False, description="recompute denoiser activations to save memory")
     num_workers: int = Field(1, ge=0, description="data-loader processes for synthesis")
 
@@ -83,3 +85,26 @@ def load_train_config(path: Path | None, **overrides: object) -> TrainConfig:
         where = f"{path}: " if path else ""
         problem = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
         raise ConfigError(f"{where}{key}: {problem}") from None
+
+
+def reference_rows() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) of every training setting, the method's under `method.`."""
+    per_profile = ", ".join(f"{name} {profile.learning_rate:g}" for name, profile in PROFILES.items())
+    rows = []
+    for prefix, model in (("", TrainConfig), ("method.", MethodConfig)):
+        for name, field in model.model_fields.items():
+            if field.annotation is MethodConfig:
+                continue  # its keys follow under method.
+            default = f"`{field.get_default()!s}`" if not field.is_required() else f"per profile: {per_profile}"
+            rows.append((f"{prefix}{name}", default, field.description or ""))
+    return rows
+
+
+def reference_table() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{key}` | {default} | {text} |" for key, default, text in reference_rows()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_table(), end="")
