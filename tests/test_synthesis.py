@@ -1,12 +1,14 @@
 """Perlin regions, foregrounds, anomaly synthesis, the torch datasets and the sample writer."""
 
 import re
+from itertools import islice
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from trainer.data import synthesis
 from trainer.data.color import choose_color
@@ -21,7 +23,7 @@ from trainer.data.synthesis import (
     list_textures,
     self_augmented,
 )
-from trainer.data.training_set import TrainingPairs, ValidationSet, to_model_range
+from trainer.data.training_set import TrainingKeys, TrainingPairs, ValidationSet, to_model_range
 
 SIZE = 64
 
@@ -184,16 +186,25 @@ def normal_images() -> tuple[np.ndarray, np.ndarray]:
 def test_training_pairs_are_reproducible_per_seed_epoch_and_index(normal_images):
     images, foregrounds = normal_images
     pairs = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=1, channels=3)
-    first = pairs[2]
+    first = pairs[0, 2]
     assert len(pairs) == 3
     assert torch.equal(first["normal"], to_model_range(images[2], 3))
     assert first["anomalous"].shape == (3, SIZE, SIZE) and first["mask"].shape == (1, SIZE, SIZE)
     assert first["anomalous"].min() >= -1 and first["anomalous"].max() <= 1
 
-    again = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=1, channels=3)[2]
+    again = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=1, channels=3)[0, 2]
     assert all(torch.equal(first[key], again[key]) for key in first)
-    pairs.set_epoch(1)
-    assert not torch.equal(pairs[2]["mask"], first["mask"])
+    assert not torch.equal(pairs[1, 2]["mask"], first["mask"])
+
+
+def test_training_keys_run_epoch_after_epoch_in_whole_batches_and_resume_where_they_stopped():
+    shares = DistributedSampler(range(10), num_replicas=1, rank=0, shuffle=True, seed=3, drop_last=True)
+    keys = list(islice(TrainingKeys(shares, batch_size=4, start_step=0), 24))  # 3 epochs of 2 batches
+    epochs = [[index for epoch, index in keys if epoch == e] for e in range(3)]
+    assert [len(indices) for indices in epochs] == [8, 8, 8] and [e for e, _ in keys] == sorted(e for e, _ in keys)
+    assert all(len(set(indices)) == 8 for indices in epochs) and epochs[0] != epochs[1]
+    resumed = list(islice(TrainingKeys(shares, batch_size=4, start_step=3), 12))  # mid-epoch 1
+    assert resumed == keys[12:]
 
 
 def base_image(item: dict[str, torch.Tensor], images: np.ndarray) -> int | None:
@@ -208,7 +219,7 @@ def base_image(item: dict[str, torch.Tensor], images: np.ndarray) -> int | None:
 def test_training_anomaly_is_made_from_a_randomly_chosen_normal_image(normal_images):
     images, foregrounds = normal_images
     pairs = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=0, channels=3)
-    bases = [base_image(pairs[index], images) for index in range(len(pairs))]
+    bases = [base_image(pairs[0, index], images) for index in range(len(pairs))]
     assert None not in bases
     assert bases != list(range(len(pairs)))  # not always the item's own image
 
@@ -227,7 +238,7 @@ def test_validation_set_is_fixed_and_pairs_each_image_with_its_own_anomaly(norma
 
 def test_a_gray_model_trains_on_one_channel_made_as_the_exported_graph_makes_it(normal_images):
     images, foregrounds = normal_images
-    item = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=1, channels=1)[2]
+    item = TrainingPairs(images, foregrounds, AnomalySynthesizer(SIZE), seed=1, channels=1)[0, 2]
     assert item["normal"].shape == item["anomalous"].shape == (1, SIZE, SIZE)
     luma = images[2].astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 127.5 - 1  # float64 reference
     assert np.abs(item["normal"][0].numpy() - luma).max() < 1e-5

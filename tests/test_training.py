@@ -19,6 +19,7 @@ from trainer.objective import lr_factor
 from trainer import precision as training_precision
 from trainer.config import ConfigError, reference_rows
 from trainer.precision import autocast
+from trainer import training
 from trainer.training import TrainingSession
 
 FAST_CONFIG = """
@@ -94,6 +95,23 @@ def test_fit_is_reproducible_and_an_interrupted_run_resumes_exactly(tmp_path, da
     assert not set(selection) & set(calibration)
     assert thresholds["false_reject_rate"]["calibration_images"] == len(calibration) != len(selection)
     assert set(load_file(run / "model.safetensors")) == set(straight)
+
+
+def test_one_data_loader_serves_the_whole_run(tmp_path, datasets_dir, fast_config, monkeypatch):
+    """A loader per epoch started its worker process anew at every epoch, and the fork slowed training."""
+    starts = []
+
+    class CountingLoader(training.DataLoader):
+        def __iter__(self):
+            starts.append(self.num_workers)
+            return super().__iter__()
+
+    monkeypatch.setattr(training, "DataLoader", CountingLoader)
+    fast_config.write_text(FAST_CONFIG.replace("num_workers = 0", "num_workers = 1"))
+    run = tmp_path / "run"
+    assert fit(datasets_dir / "hazelnut", run, fast_config, "--max-steps", "10") == 0
+    steps_per_epoch = json.loads((run / "config.json").read_text())["data"]["train_images"] // 4
+    assert 10 > steps_per_epoch and starts == [1]
 
 
 def gray_copy(data: Path, out: Path) -> Path:

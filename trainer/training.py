@@ -23,7 +23,7 @@ from trainer.data.color import CHANNELS, GRAY_MAX_COLORED_SHARE, choose_color
 from trainer.data.foreground import AUTO_OBJECT_SHARE, choose_foreground, foreground_mask, load_user_masks
 from trainer.data.mvtec import DataError, HoldoutSplit, read_rgb, scan_mvtec, split_holdout
 from trainer.data.synthesis import AnomalySynthesizer, list_textures
-from trainer.data.training_set import TrainingPairs, ValidationSet
+from trainer.data.training_set import TrainingKeys, TrainingPairs, ValidationSet
 from trainer.model import DiffusionAD
 from trainer.objective import JointObjective, draw_step_randomness, lr_factor
 from trainer.precision import autocast, resolve_precision
@@ -290,13 +290,9 @@ class TrainingSession:
             up = bool(flag.item())
         return up
 
-    def _epoch_loader(self) -> DataLoader:
-        epoch, skip = divmod(self.step, self.steps_per_epoch)
-        self.sampler.set_epoch(epoch)
-        self.data.train.set_epoch(epoch)
-        # Resuming mid-epoch: skip the indices already consumed, without synthesising them.
-        indices = list(self.sampler)[skip * self.cfg.batch_size:]
-        return DataLoader(self.data.train, batch_size=self.cfg.batch_size, sampler=indices, drop_last=True,
+    def _loader(self) -> DataLoader:
+        return DataLoader(self.data.train, batch_size=self.cfg.batch_size,
+                          sampler=TrainingKeys(self.sampler, self.cfg.batch_size, self.step),
                           num_workers=self.cfg.num_workers)
 
     def train(self, limits: RunLimits) -> None:
@@ -315,8 +311,8 @@ class TrainingSession:
         done = self._time_is_up(limits) or (total_steps is not None and self.step >= total_steps)
         # The time budget is wall-clock: data loading and validation count too.
         start, elapsed_before = time.perf_counter(), self.elapsed
-        while not done:
-            for batch in self._epoch_loader():
+        if not done:
+            for batch in self._loader():  # endless: the loop ends when the run is done
                 tick = time.perf_counter()
                 lr_scale = lr_factor(progress(), self.cfg.warmup_fraction, self.cfg.final_lr_fraction)
                 loss, l_noise, l_mask = self.train_step(batch, lr_scale)

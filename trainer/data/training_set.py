@@ -1,8 +1,10 @@
 """Torch datasets pairing normal images with synthetic anomalies, reproducible for any worker layout."""
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from trainer.data.synthesis import AnomalySynthesizer
 from trainer.fused import model_input
@@ -31,10 +33,10 @@ def _synthesize(
 
 
 class TrainingPairs(Dataset):
-    """Item i: normal image i and a synthetic anomaly made from a randomly chosen image.
+    """Item (epoch, i): normal image i and a synthetic anomaly made from a randomly chosen image.
 
-    All randomness of item i comes from the seed sequence (seed, epoch, i), so an epoch's items are the
-    same whatever the number of workers or the order in which they are fetched.
+    All its randomness comes from the seed sequence (seed, epoch, i), so an epoch's items are the same
+    whatever the number of workers or the order in which they are fetched.
     """
 
     def __init__(
@@ -46,21 +48,44 @@ class TrainingPairs(Dataset):
         self.foregrounds = foregrounds
         self.synthesizer = synthesizer
         self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index])
         # A random base image, so the normal and anomalous halves of a batch are not matched pairs.
         source = (index + int(rng.integers(len(self)))) % len(self)
         anomalous, mask = _synthesize(self.synthesizer, self.images[source], self.foregrounds[source], rng,
                                       self.channels)
         return {"normal": to_model_range(self.images[index], self.channels), "anomalous": anomalous, "mask": mask}
+
+
+class TrainingKeys(Sampler):
+    """(epoch, index) keys of TrainingPairs from a given step on, without end: each epoch this process's
+    share of a seeded shuffle, cut to whole batches.
+
+    One data loader then serves the whole run, so its worker processes start once. A loader per epoch
+    forked the trainer at every epoch, and its steps ran slower while the fresh worker lived (the
+    trainer's writes then copy pages it shares with the worker): on a set of 20-50 good images, an
+    epoch is a few steps.
+    """
+
+    def __init__(self, shares: DistributedSampler, batch_size: int, start_step: int):
+        self.shares = shares
+        self.batch_size = batch_size
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        steps_per_epoch = len(self.shares) // self.batch_size
+        epoch, skip = divmod(self.start_step, steps_per_epoch)
+        while True:
+            self.shares.set_epoch(epoch)
+            # Resuming mid-epoch: skip the indices already consumed, without synthesising them.
+            indices = list(self.shares)[skip * self.batch_size:steps_per_epoch * self.batch_size]
+            yield from ((epoch, index) for index in indices)
+            epoch, skip = epoch + 1, 0
 
 
 class ValidationSet:
