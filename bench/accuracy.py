@@ -22,6 +22,7 @@ from machine import describe
 REPO = Path(__file__).resolve().parents[1]
 SETS = ("bottle", "magnetic_tile", "hazelnut")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
+DEFECT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
 HEADS = (("norm-guided", lambda m: m), ("radar", lambda m: m["radar"]))
 
 
@@ -46,6 +47,12 @@ def verdicts(metrics: dict) -> dict:
             "escapes": counts["escape"], "defective": counts["escape"] + counts["true_fail"]}
 
 
+def head_figures(metrics: dict) -> dict:
+    """A head's metrics over the whole test split and per defect type, and its verdict counts."""
+    per_defect = {defect: {k: figures[k] for k in DEFECT_METRICS} for defect, figures in metrics["per_defect"].items()}
+    return {**{k: metrics[k] for k in METRICS}, **verdicts(metrics), "per_defect": per_defect}
+
+
 def run_folder(runs: Path, name: str, minutes: float) -> Path:
     return runs / f"{name}-{minutes:g}min"
 
@@ -66,8 +73,7 @@ def measure(name: str, data: Path, minutes: float, runs: Path) -> dict:
                       "color": config["data"].get("color", {}).get("mode", "rgb"),
                       "precision": config.get("precision", {}).get("computed_in", "fp32")},
         "recommended_head": max(selection, key=selection.get),
-        "heads": {head: {**{k: pick(metrics)[k] for k in METRICS}, **verdicts(pick(metrics))}
-                  for head, pick in HEADS},
+        "heads": {head: head_figures(pick(metrics)) for head, pick in HEADS},
     }
 
 
@@ -87,6 +93,13 @@ def markdown(results: list[dict], command: str) -> str:
             cells = " | ".join(f"{100 * figures[k]:.1f}" for k in METRICS)
             lines.append(f"| {r['set']} | {r['minutes']:g} | {r['steps']} | {decided} | {label} | {cells} | "
                          f"{figures['false_rejects']}/{figures['good']} | {figures['escapes']}/{figures['defective']} |")
+    lines += ["", "Per defect type (each against all of the test's good images):", "",
+              "| set | head | defect | image AUROC | pixel AUROC | AUPRO (0.3) | pixel AP |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for head, figures in r["heads"].items():
+            for defect, scores in figures["per_defect"].items():
+                cells = " | ".join(f"{100 * scores[k]:.1f}" for k in DEFECT_METRICS)
+                lines.append(f"| {r['set']} | {head} | {defect} | {cells} |")
     lines += ["", "Measured on:", ""]
     lines += [f"- {r['set']}, {r['minutes']:g} min ({r['measured']}): {r['machine']}" for r in results]
     lines += ["", "Test images of each run as `trainer eval` drew them (input, norm-guided reconstruction, both "
