@@ -67,9 +67,9 @@ class TrainingKeys(Sampler):
     share of a seeded shuffle, cut to whole batches.
 
     One data loader then serves the whole run, so its worker processes start once. A loader per epoch
-    forked the trainer at every epoch, and its steps ran slower while the fresh worker lived (the
-    trainer's writes then copy pages it shares with the worker): on a set of 20-50 good images, an
-    epoch is a few steps.
+    forked the trainer at every epoch, and its steps ran slower while the fresh worker lived (most
+    likely copy-on-write faults of the trainer's pages): on a set of 20-50 good images an epoch is a
+    few steps.
     """
 
     def __init__(self, shares: DistributedSampler, batch_size: int, start_step: int):
