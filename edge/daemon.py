@@ -259,7 +259,9 @@ class Daemon:
                       images_per_second={size: round(rate, 2) for size, rate in self.model.batch_rates.items()},
                       batch=self.settings.inference.max_batch or self.model.best_batch, zmq=self.settings.zmq.bind,
                       mqtt=f"{self.settings.mqtt.host}:{self.settings.mqtt.port}", prefix=self.settings.topic_prefix,
-                      frame_memory_bound_mb=round(self.frame_memory_bound_bytes() / 2 ** 20))
+                      frame_memory_bound_mb=round(self.frame_memory_bound_bytes() / 2 ** 20),
+                      thresholds=self.model.head.thresholds.model_dump(exclude_none=True))
+        self._warn_if_thresholds_rest_on_few_images(self.model)
         # The loaded digest (a bundle replaced during the warm-up is seen) and the signature now.
         watched = (self.model.bundle.manifest_sha256, self._bundle_marker()[1])
         while not self._shutdown.wait(1.0 if self.notifier.watchdog_interval_s is None
@@ -334,7 +336,20 @@ class Daemon:
         self._set_condition("backend", None)  # a fresh backend; publishes the new model's identity too
         self.log.info("reload_done", old=self.model_ref(old).model_dump(), new=self.model_ref(new).model_dump(),
                       backend=new.backend.key, file=new.file.path, precision=new.file.precision,
-                      passed_over=new.passed_over, signed_by=new.bundle.signer)
+                      passed_over=new.passed_over, signed_by=new.bundle.signer,
+                      thresholds=new.head.thresholds.model_dump(exclude_none=True))
+        self._warn_if_thresholds_rest_on_few_images(new)
+
+    def _warn_if_thresholds_rest_on_few_images(self, model: LoadedModel) -> None:
+        """The stated false-reject rate of a bundle calibrated on too few good images is a fit, not an
+        observation (and may have been given up to keep catching defects): say so where operators look."""
+        thresholds = model.head.thresholds
+        if thresholds.estimator == "logit-normal":
+            self.log.warning("thresholds_rest_on_few_images", calibration_images=thresholds.calibration_images,
+                             target_false_reject_rate=thresholds.target_false_reject_rate,
+                             expected_false_reject_rate=thresholds.expected_false_reject_rate,
+                             limited_by=thresholds.limited_by,
+                             advice="recalibrate on good line images: trainer calibrate BUNDLE GOOD_DIR --out NEW")
 
     # ---- shutdown ----------------------------------------------------------------------------
     def _drain(self) -> int:

@@ -16,12 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocols.one_class import KnnNormalModel
 
-BUNDLE_VERSION = 4
+BUNDLE_VERSION = 5
 # 2: thresholds state their expected false-reject rate. 3: heads (norm-guided, RADAR). 4: files
-# state their precision, the CPU features they need and, below fp32, their parity with it. Older
-# versions still load: 1 and 2 as a bundle with the norm-guided head only, every file fp32 with no
-# stated CPU needs.
-SUPPORTED_BUNDLE_VERSIONS = (1, 2, 3, 4)
+# state their precision, the CPU features they need and, below fp32, their parity with it. 5:
+# thresholds state what set them and their detection ceiling. Older versions still load: 1 and 2
+# as a bundle with the norm-guided head only, every file fp32 with no stated CPU needs.
+SUPPORTED_BUNDLE_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST_NAME = "manifest.json"
 # sha256 of manifest.json's bytes: the manifest cannot list its own hash, so it sits beside it.
 MANIFEST_DIGEST_NAME = "manifest.sha256"
@@ -93,6 +93,14 @@ class ThresholdSpec(_Strict):
                           "images are too few to observe the target rate")
     expected_false_reject_rate: float | None = Field(None, description="on good parts not yet seen")
     false_reject_rate_upper: float | None = Field(None, description="the rate stays below this with 90 % confidence")
+    limited_by: Literal["false_reject_rate", "synthetic_defects"] | None = Field(
+        None, description="synthetic_defects: the good images were too few to observe the target rate, and the "
+                          "threshold extrapolated from them would have passed more than 10 % of synthetic defects; "
+                          "the thresholds are the detection ceiling and the expected rate is the fit's rate there")
+    detection_ceiling_image: float | None = Field(None, description="the highest image threshold that fails 90 % "
+                                                  "of synthetic defects made on the calibration images")
+    detection_ceiling_pixel: float | None = Field(None, description="the same for the highest map value inside "
+                                                  "each synthetic defect")
 
 
 class Provenance(_Strict):
@@ -165,7 +173,7 @@ class HeadSpec(_Strict):
 
 
 class Manifest(_Strict):
-    version: Literal[4] = Field(BUNDLE_VERSION, description="versions 1 to 3 are read as version 4; 1 and 2 with "
+    version: Literal[5] = Field(BUNDLE_VERSION, description="versions 1 to 4 are read as version 5; 1 and 2 with "
                                 "one norm-guided head")
     model: ModelIdentity
     input: InputSpec
@@ -176,9 +184,9 @@ class Manifest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _upgrade(cls, data: Any) -> Any:
-        """An older manifest: version 3 lacks only what has defaults; in versions 1 and 2 the one
-        graph is the norm-guided head."""
-        if isinstance(data, dict) and data.get("version") == 3:
+        """An older manifest: versions 3 and 4 lack only what has defaults; in versions 1 and 2 the
+        one graph is the norm-guided head."""
+        if isinstance(data, dict) and data.get("version") in (3, 4):
             return {**data, "version": BUNDLE_VERSION}
         if not (isinstance(data, dict) and data.get("version") in (1, 2)):
             return data

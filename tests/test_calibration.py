@@ -5,8 +5,10 @@ import pytest
 
 from scipy import stats
 
-from trainer.evaluation.calibration import (Thresholds, calibrate, conformal_rank, conformal_threshold,
-                                            estimate_threshold, logit_normal_threshold, threshold_max_f1)
+from trainer.evaluation.calibration import (MIN_SYNTHETIC_CATCH, DetectionCeiling, Thresholds, calibrate,
+                                            catching_threshold, conformal_rank, conformal_threshold,
+                                            estimate_threshold, logit_normal_rate_at, logit_normal_threshold,
+                                            threshold_max_f1)
 
 
 @pytest.mark.parametrize(("n", "rate", "rank"), [(99, 0.01, 99), (98, 0.01, None), (19, 0.05, 19),
@@ -101,6 +103,70 @@ def test_calibrate_by_false_reject_rate_uses_normals_only():
     assert few.estimator == "logit-normal" and "10 calibration images are too few" in few.too_few_images()
 
 
+def test_the_rate_at_a_given_threshold_is_the_rate_the_fit_states_for_its_own_threshold():
+    scores = np.random.default_rng(3).beta(2, 8, 12)
+    fitted = logit_normal_threshold(scores, 0.01)
+    at = logit_normal_rate_at(scores, fitted.threshold)
+    assert at.expected_rate == pytest.approx(fitted.expected_rate, rel=1e-3)
+    assert at.upper_rate == pytest.approx(fitted.upper_rate, rel=1e-3)
+    lower = logit_normal_rate_at(scores, 0.5 * fitted.threshold)
+    assert lower.threshold == 0.5 * fitted.threshold and lower.expected_rate > 5 * fitted.expected_rate
+
+
+def test_catching_threshold_is_the_highest_that_fails_the_share():
+    scores = np.arange(10) / 10  # 0.0 ... 0.9: failing 9 of them leaves 0.0 passing
+    assert catching_threshold(scores, 0.9) == catching_threshold(scores, 0.85) == pytest.approx(0.1)
+    assert catching_threshold(scores, 1.0) == 0.0
+    for share in (0.5, 0.9, 0.97):
+        scores = np.random.default_rng(1).random(37)
+        threshold = catching_threshold(scores, share)
+        assert np.mean(scores >= threshold) >= share
+        lowest_failing = scores[scores >= threshold].min()
+        assert threshold <= lowest_failing < threshold + 1e-7  # float32 just below a score
+        assert np.mean(scores > lowest_failing) < share  # any higher threshold fails fewer
+
+
+def test_the_pixel_ceiling_looks_inside_each_synthetic_defect_only():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((20, 8, 8), bool)
+    masks[:, 2:5, 2:5] = True
+    maps = rng.random((20, 8, 8)) * 0.5
+    maps[:, 7, 7] = 0.99  # a bright corner outside every defect
+    ceiling = DetectionCeiling.from_synthetic(rng.random(20), maps, masks)
+    peaks = np.array([m[2:5, 2:5].max() for m in maps], dtype=np.float64)  # float64 reference
+    assert ceiling.pixel == pytest.approx(np.sort(peaks)[20 - 18], rel=1e-6)
+
+
+def few_good_scores_and_far_defects():
+    rng = np.random.default_rng(2)
+    good = 1 / (1 + np.exp(-rng.normal(-1.0, 1.0, 6)))  # hazelnut-like: 6 good images, wide logits
+    maps = np.repeat(good[:, None, None], 4, axis=1).repeat(4, axis=2)
+    return good, maps, DetectionCeiling(image=0.7, pixel=0.72)
+
+
+def test_a_threshold_extrapolated_from_few_images_is_capped_to_keep_catching_synthetic_defects():
+    good, maps, ceiling = few_good_scores_and_far_defects()
+    uncapped = calibrate("false_reject_rate", good, maps)
+    assert uncapped.image > ceiling.image and uncapped.limited_by == "false_reject_rate"
+    capped = calibrate("false_reject_rate", good, maps, ceiling=ceiling)
+    assert (capped.image, capped.pixel, capped.limited_by) == (ceiling.image, ceiling.pixel, "synthetic_defects")
+    assert capped.ceiling() == ceiling
+    # the rate stated is the fit's rate at the cap, above the target, and said so
+    assert capped.expected_false_reject_rate == logit_normal_rate_at(good, ceiling.image).expected_rate > 0.01
+    warning = capped.too_few_images()
+    assert f"catch {MIN_SYNTHETIC_CATCH:.0%} of them" in warning and f"{capped.expected_false_reject_rate:.1%}" in warning
+
+
+def test_a_threshold_below_the_ceiling_or_observed_on_enough_images_is_not_capped():
+    good, maps, ceiling = few_good_scores_and_far_defects()
+    high = DetectionCeiling(image=0.999, pixel=0.999)
+    assert calibrate("false_reject_rate", good, maps, ceiling=high).limited_by == "false_reject_rate"
+    many = np.random.default_rng(4).uniform(0.5, 0.9, 120)  # conformal: the rate is observed, the target holds
+    thresholds = calibrate("false_reject_rate", many, many[:, None, None], ceiling=ceiling)
+    assert thresholds.estimator == "conformal" and thresholds.image > ceiling.image
+    assert thresholds.limited_by == "false_reject_rate" and thresholds.detection_ceiling_image == ceiling.image
+
+
 def test_calibrate_by_max_f1_uses_the_labelled_defects():
     normal_scores, normal_maps, anomalous_scores, anomalous_maps, anomalous_masks = validation_data()
     thresholds = calibrate("max_f1", normal_scores, normal_maps, anomalous_scores, anomalous_maps,
@@ -125,7 +191,8 @@ def test_calibrate_by_max_f1_without_defects_names_what_is_missing():
 def test_thresholds_round_trip_through_json():
     thresholds = Thresholds(image=0.61, pixel=0.42, policy="false_reject_rate", target_false_reject_rate=0.01,
                             calibration_images=40, estimator="logit-normal", expected_false_reject_rate=0.0102,
-                            false_reject_rate_upper=0.021)
+                            false_reject_rate_upper=0.021, limited_by="synthetic_defects",
+                            detection_ceiling_image=0.61, detection_ceiling_pixel=0.5)
     assert Thresholds.from_dict(json.loads(json.dumps(thresholds.to_dict()))) == thresholds
     with pytest.raises(ValueError, match="policy"):
         Thresholds.from_dict({**thresholds.to_dict(), "policy": "median"})

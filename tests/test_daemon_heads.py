@@ -49,8 +49,14 @@ def test_the_radar_head_answers_real_frames_with_its_programs_offline_scores(bun
         assert result.model.head == "radar" and result.threshold == head.thresholds.image
         assert result.score == pytest.approx(expected[i], abs=1e-5)
         assert result.verdict == ("fail" if result.score >= result.threshold else "pass")
-    ready = [json.loads(line) for line in daemon.log_path.read_text().splitlines() if '"ready"' in line]
+    logged = [json.loads(line) for line in daemon.log_path.read_text().splitlines() if line.startswith("{")]
+    ready = [line for line in logged if line.get("event") == "ready"]
     assert ready[0]["model"]["head"] == "radar"
+    assert ready[0]["thresholds"] == head.thresholds.model_dump(mode="json", exclude_none=True)
+    # the tiny run calibrated on 6 good images: its stated rate is a fit, and the station says so
+    assert head.thresholds.estimator == "logit-normal"
+    warned = [line for line in logged if line.get("event") == "thresholds_rest_on_few_images"]
+    assert warned and warned[0]["calibration_images"] == head.thresholds.calibration_images
 
 
 def test_a_head_the_bundle_lacks_stops_the_station_before_ready_in_one_line(bundles, tmp_path):

@@ -176,7 +176,7 @@ def test_the_station_loads_openvino_by_name_and_auto_picks_a_candidate(export):
 
 
 @slow
-def test_reduced_precisions_decide_like_the_program_on_test_images_as_their_parity_claims(
+def test_reduced_precisions_score_like_the_program_on_test_images_as_their_parity_claims(
         export, programs, hazelnut_dir):
     bundle, _ = export
     manifest = manifest_of(bundle)
@@ -187,14 +187,17 @@ def test_reduced_precisions_decide_like_the_program_on_test_images_as_their_pari
     images = np.stack([read_rgb(p, manifest.input.height) for p in sorted(hazelnut_dir.rglob("*.jpg"))])
     batch = manifest.input.max_batch
     for head, entry in shipped:
-        verdicts = []
+        scores = []
         for backend in (programs[head.name], backend_of(bundle, manifest, entry.path)):
             second = np.concatenate([backend.infer(images[i:i + batch])[1] for i in range(0, len(images), batch)])
-            scores = second if head.score_from_map else head.method.one_class.score(second)
-            verdicts.append(scores >= head.thresholds.image)
-        agreement = np.mean(verdicts[0] == verdicts[1])
-        # The claim rests on a dozen held-out images; these are two dozen others: 2 may differ.
-        assert agreement >= entry.parity.verdict_agreement - 0.1, (head.name, entry.precision, agreement)
+            scores.append(second if head.score_from_map else head.method.one_class.score(second))
+        program, reduced = scores
+        # The claim rests on a dozen held-out images; these are two dozen others. How many verdicts
+        # differ depends on how many scores lie near the threshold (a tiny model's crowd together
+        # at its detection ceiling), so what must hold is the score difference: verdicts then agree
+        # wherever the program's score is farther than that from the threshold.
+        difference = np.abs(reduced - program).max()
+        assert difference <= 4 * entry.parity.max_abs_score_delta + 1e-6, (head.name, entry.precision, difference)
 
 
 @slow

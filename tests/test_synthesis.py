@@ -23,7 +23,8 @@ from trainer.data.synthesis import (
     list_textures,
     self_augmented,
 )
-from trainer.data.training_set import TrainingKeys, TrainingPairs, ValidationSet, to_model_range
+from trainer.data.training_set import (SyntheticDefects, TrainingKeys, TrainingPairs, ValidationSet,
+                                       to_model_range)
 
 SIZE = 64
 
@@ -234,6 +235,19 @@ def test_validation_set_is_fixed_and_pairs_each_image_with_its_own_anomaly(norma
     outside = (validation.masks == 0).expand_as(validation.normal)
     assert torch.equal(validation.anomalous[outside], validation.normal[outside])
     assert (validation.masks.mean(dim=(1, 2, 3)) > 0).all()
+
+
+def test_synthetic_defects_cycle_through_the_images_each_one_different_and_the_set_reproducible(normal_images):
+    images, foregrounds = normal_images
+    defects = SyntheticDefects(images, foregrounds, AnomalySynthesizer(SIZE), seed=5, channels=3, count=7)
+    again = SyntheticDefects(images, foregrounds, AnomalySynthesizer(SIZE), seed=5, channels=3, count=7)
+    assert defects.images.shape == (7, 3, SIZE, SIZE) and defects.bool_masks().shape == (7, SIZE, SIZE)
+    assert torch.equal(defects.images, again.images)
+    normal = torch.stack([to_model_range(image, 3) for image in images])
+    for j in range(7):  # the j-th defect sits on image j mod 3, untouched outside its mask
+        outside = torch.from_numpy(~defects.bool_masks()[j]).expand(3, SIZE, SIZE)
+        assert torch.equal(defects.images[j][outside], normal[j % 3][outside])
+    assert not torch.equal(defects.masks[0], defects.masks[3])  # same image, another defect
 
 
 def test_a_gray_model_trains_on_one_channel_made_as_the_exported_graph_makes_it(normal_images):

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="new thresholds from good parts taken on the line (a run or a bundle)")
     cal.add_argument("source", type=Path, metavar="RUN_OR_BUNDLE")
-    cal.add_argument("good_dir", type=Path, help="folder of good images (searched recursively)")
+    cal.add_argument("good_dir", type=Path, nargs="?", help="folder of good images (searched recursively); "
+                     "without it, a run's own calibration split again")
     cal.add_argument("--defects", type=Path, metavar="DIR", help="defective images: escape rates before and after")
     cal.add_argument("--false-reject-rate", type=float, default=0.01, help="target (default: %(default)s)")
     cal.add_argument("--out", type=Path, help="for a bundle: where to write the recalibrated copy")

@@ -1,6 +1,7 @@
 """`trainer eval`: the field's metrics on a labelled test folder, and a picture report."""
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from trainer.fused import model_input, unit_range_to_uint8_nhwc
 from trainer.model import DiffusionAD
 from trainer.profiles import get_profile
 from trainer.radar_fit import fit_radar, load_radar
+
+if TYPE_CHECKING:
+    from trainer.training import PreparedData
 
 METRIC_SIZE = 256  # the field reports metrics at 256²
 
@@ -39,22 +43,29 @@ def score_in_batches(graph, images: np.ndarray, batch_size: int) -> tuple[np.nda
     return torch.cat([m for m, _ in outputs]).numpy(), torch.cat([s for _, s in outputs]).numpy()
 
 
-def radar_record(run: Path, cfg: TrainConfig, model: DiffusionAD) -> dict:
-    """The run's RADAR head; a run trained before the head existed gets it fitted now, from its own
-    held-out images (the seeded split, checked against the names config.json recorded)."""
-    path = run / files.RADAR
-    if path.is_file():
-        return files.read_json(path)
+def held_out_data(run: Path, cfg: TrainConfig) -> "PreparedData":
+    """The run's data split again (it is seeded), checked against the names config.json recorded:
+    its selection and calibration images, for fitting or calibrating after the run."""
     from trainer.training import prepare_data
 
     recorded = files.read_json(run / files.CONFIG)["data"]
     data = prepare_data(Path(recorded["path"]), cfg)
     if [p.name for p in data.split.calibration] != recorded.get("calibration_images"):
         raise ConfigError(f"{run}: the training data changed since the run (its calibration split differs); "
-                          "cannot fit the RADAR head on the run's held-out images")
+                          "cannot use the run's held-out images")
+    return data
+
+
+def radar_record(run: Path, cfg: TrainConfig, model: DiffusionAD) -> dict:
+    """The run's RADAR head; a run trained before the head existed gets it fitted now, from its own
+    held-out images."""
+    path = run / files.RADAR
+    if path.is_file():
+        return files.read_json(path)
+    data = held_out_data(run, cfg)
     print(f"{run}: fitting the RADAR head on the run's held-out images (trained before the head existed)")
-    record = fit_radar(model, cfg.method, data.validation, data.calibration, cfg.false_reject_rate,
-                       torch.device("cpu"))
+    record = fit_radar(model, cfg.method, data.validation, data.calibration, data.calibration_defects,
+                       cfg.false_reject_rate, torch.device("cpu"))
     files.write_json(path, record)
     return record
 
@@ -64,9 +75,11 @@ def head_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps
     """The field's metrics and, at the head's shipped threshold, the station's verdict figures."""
     metrics = compute_metrics(labels, scores, masks, resize_for_metrics(maps, METRIC_SIZE), defects)
     policy = thresholds["default"]
-    image_threshold = thresholds[policy]["image"]
-    metrics["verdicts"] = {"policy": policy, "image_threshold": image_threshold,
-                           **verdict_metrics(labels, scores >= image_threshold, defects)}
+    shipped = thresholds[policy]
+    metrics["verdicts"] = {"policy": policy, "image_threshold": shipped["image"],
+                           "stated_false_reject_rate": shipped.get("expected_false_reject_rate"),
+                           "limited_by": shipped.get("limited_by"),
+                           **verdict_metrics(labels, scores >= shipped["image"], defects)}
     return metrics
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from protocols.one_class import KnnNormalModel, fit_knn
-from trainer.data.training_set import ValidationSet
-from trainer.evaluation.calibration import calibrate
+from trainer.data.training_set import SyntheticDefects, ValidationSet
+from trainer.evaluation.calibration import DetectionCeiling, calibrate
 from trainer.evaluation.metrics import image_auroc, pixel_ap
 from trainer.fused import model_input
 from trainer.method import MethodConfig
@@ -74,28 +74,37 @@ def radar_outputs(head: RadarInference, images: torch.Tensor, device: torch.devi
 
 
 def fit_radar(model: DiffusionAD, method: MethodConfig, val: ValidationSet, calibration: np.ndarray,
-              false_reject_rate: float, device: torch.device) -> dict:
+              defects: SyntheticDefects, false_reject_rate: float, device: torch.device) -> dict:
     """The run's RADAR head: constants, one-class model and thresholds, with how they were chosen.
-    `calibration` is uint8 NHWC good images the model was neither trained nor selected on."""
+    `calibration` is uint8 NHWC good images the model was neither trained nor selected on, `defects`
+    synthetic ones made on them (the thresholds' detection ceiling)."""
     was_training = model.training
     model.eval()
     constants, candidates = choose_constants(model, method, val, device)
     head = RadarInference(model.denoiser, method, model.image_size, constants).to(device)
     _, normal_features = radar_outputs(head, val.normal, device)
     knn, _ = fit_knn(normal_features)
-    calibration_maps, calibration_features = radar_outputs(
-        head, model_input(torch.from_numpy(calibration), model.channels), device)
-    anomalous_maps, anomalous_features = radar_outputs(head, val.anomalous, device)
-    by_rate = calibrate("false_reject_rate", knn.score(calibration_features), calibration_maps,
-                        false_reject_rate=false_reject_rate)
-    by_f1 = calibrate("max_f1", knn.score(calibration_features), calibration_maps, knn.score(anomalous_features),
-                      anomalous_maps, val.masks[:, 0].numpy() > 0.5)
+    thresholds = radar_thresholds(head, knn, calibration, defects, val, false_reject_rate, device)
     model.train(was_training)
     chosen = next(c for c in candidates if (c["t"], c["discrepancy"]) == (constants.t, constants.discrepancy))
-    return {"constants": constants.model_dump(), "one_class": knn.model_dump(),
-            "thresholds": {"default": "false_reject_rate", "false_reject_rate": by_rate.to_dict(),
-                           "max_f1": by_f1.to_dict()},
+    return {"constants": constants.model_dump(), "one_class": knn.model_dump(), "thresholds": thresholds,
             "validation": chosen, "candidates": candidates}
+
+
+def radar_thresholds(head: RadarInference, knn: KnnNormalModel, calibration: np.ndarray, defects: SyntheticDefects,
+                     val: ValidationSet, false_reject_rate: float, device: torch.device) -> dict:
+    """The head's thresholds under both policies, as `validation.calibrate_run` sets the norm-guided
+    head's: the default capped by what catches the synthetic `defects`."""
+    calibration_maps, calibration_features = radar_outputs(
+        head, model_input(torch.from_numpy(calibration), head.channels), device)
+    defect_maps, defect_features = radar_outputs(head, defects.images, device)
+    anomalous_maps, anomalous_features = radar_outputs(head, val.anomalous, device)
+    ceiling = DetectionCeiling.from_synthetic(knn.score(defect_features), defect_maps, defects.bool_masks())
+    by_rate = calibrate("false_reject_rate", knn.score(calibration_features), calibration_maps,
+                        false_reject_rate=false_reject_rate, ceiling=ceiling)
+    by_f1 = calibrate("max_f1", knn.score(calibration_features), calibration_maps, knn.score(anomalous_features),
+                      anomalous_maps, val.masks[:, 0].numpy() > 0.5)
+    return {"default": "false_reject_rate", "false_reject_rate": by_rate.to_dict(), "max_f1": by_f1.to_dict()}
 
 
 def load_radar(record: dict, model: DiffusionAD, method: MethodConfig) -> tuple[RadarInference, KnnNormalModel]:

@@ -1,5 +1,6 @@
 """`trainer calibrate`: new thresholds from good parts taken on the line (the first good parts of
-a shift, a station's saved frames), for a training run or a bundle. Thresholds live outside the
+a shift, a station's saved frames), for a training run or a bundle; or, for a run, from its own
+calibration split again. Thresholds live outside the
 graphs, so nothing is recompiled: every head is recalibrated; a run gets a new thresholds.json (and
 radar.json thresholds; export it again), a bundle a new copy with a new manifest (sign it, deploy
 it; the station reloads)."""
@@ -20,9 +21,10 @@ from protocols.one_class import KnnNormalModel
 from trainer import run_dir as files
 from trainer.config import ConfigError
 from trainer.data.mvtec import DataError, is_image_file, read_rgb
-from trainer.evaluate import load_run, score_in_batches
+from trainer.evaluate import held_out_data, load_run, score_in_batches
 from trainer.evaluation.calibration import Thresholds, calibrate
-from trainer.radar_fit import load_radar
+from trainer.radar_fit import load_radar, radar_thresholds
+from trainer.validation import calibrate_run
 
 BATCH = 8
 
@@ -88,23 +90,35 @@ def _run_heads(run: Path) -> tuple[int, list[_Head]]:
     return model.image_size, heads
 
 
-def recalibrate(source: Path, good_dir: Path, defects_dir: Path | None, false_reject_rate: float,
+def recalibrate(source: Path, good_dir: Path | None, defects_dir: Path | None, false_reject_rate: float,
                 out: Path | None) -> list[Recalibration]:
     """Thresholds of every head from the good images in `good_dir` (recursively), written into
-    the run at `source`, or into a copy of the bundle at `source` made at `out`."""
+    the run at `source`, or into a copy of the bundle at `source` made at `out`. Without `good_dir`,
+    a run's own calibration split sets them again, as `fit` did (after a change of target rate, or
+    of the calibration code)."""
     is_bundle = (source / MANIFEST_NAME).is_file()
     if is_bundle and out is None:
         raise ConfigError(f"{source} is a bundle: give --out for the recalibrated copy (a bundle is never changed "
                           "in place: its signature and the stations' copies refer to it)")
+    if is_bundle and good_dir is None:
+        raise ConfigError(f"{source} is a bundle: give GOOD_DIR (a bundle does not carry the images it was "
+                          "calibrated on)")
     if out is not None and out.exists():
         raise ConfigError(f"{out}: exists; not overwriting")
     size, heads = _bundle_heads(source) if is_bundle else _run_heads(source)
-    good = _images(good_dir, size)
+    if good_dir is None:
+        good, on_split = _own_split_thresholds(source, false_reject_rate)
+    else:
+        good, on_split = _images(good_dir, size), None
     defects = _images(defects_dir, size) if defects_dir is not None else None
     done = []
     for head in heads:
         good_maps, good_scores = head.score(good)
-        after = calibrate("false_reject_rate", good_scores, good_maps, false_reject_rate=false_reject_rate)
+        if on_split is not None:
+            after = Thresholds.from_dict(on_split[head.name]["false_reject_rate"])
+        else:
+            after = calibrate("false_reject_rate", good_scores, good_maps, false_reject_rate=false_reject_rate,
+                              ceiling=head.before.ceiling())
         escapes = None
         if defects is not None:
             _, defect_scores = head.score(defects)
@@ -113,16 +127,36 @@ def recalibrate(source: Path, good_dir: Path, defects_dir: Path | None, false_re
                                   escapes))
     if is_bundle:
         _write_bundle(source, out, {r.head: r.after for r in done})
-        return done
-    for recalibration in done:
-        calibrated = {"default": "false_reject_rate", "false_reject_rate": recalibration.after.to_dict(),
-                      "calibrated_on": str(good_dir.resolve())}
-        if recalibration.head == "radar":
+    elif on_split is not None:
+        files.write_json(source / files.THRESHOLDS, on_split["norm-guided"])
+        if "radar" in on_split:
             record = files.read_json(source / files.RADAR)
-            files.write_json(source / files.RADAR, {**record, "thresholds": {**record["thresholds"], **calibrated}})
-        else:
-            files.write_json(source / files.THRESHOLDS, {**files.read_json(source / files.THRESHOLDS), **calibrated})
+            files.write_json(source / files.RADAR, {**record, "thresholds": on_split["radar"]})
+    else:
+        for recalibration in done:
+            calibrated = {"default": "false_reject_rate", "false_reject_rate": recalibration.after.to_dict(),
+                          "calibrated_on": str(good_dir.resolve())}
+            if recalibration.head == "radar":
+                record = files.read_json(source / files.RADAR)
+                files.write_json(source / files.RADAR, {**record, "thresholds": {**record["thresholds"], **calibrated}})
+            else:
+                files.write_json(source / files.THRESHOLDS, {**files.read_json(source / files.THRESHOLDS), **calibrated})
     return done
+
+
+def _own_split_thresholds(run: Path, false_reject_rate: float) -> tuple[np.ndarray, dict[str, dict]]:
+    """The run's calibration images and, per head, the thresholds `fit` would write for them now."""
+    cfg, model, _ = load_run(run)
+    cfg = cfg.model_copy(update={"false_reject_rate": false_reject_rate})
+    data = held_out_data(run, cfg)
+    device = torch.device("cpu")
+    thresholds = {"norm-guided": calibrate_run(model, cfg, data.calibration, data.calibration_defects,
+                                               data.validation, device)}
+    if (run / files.RADAR).is_file():
+        head, one_class = load_radar(files.read_json(run / files.RADAR), model, cfg.method)
+        thresholds["radar"] = radar_thresholds(head, one_class, data.calibration, data.calibration_defects,
+                                               data.validation, false_reject_rate, device)
+    return data.calibration, thresholds
 
 
 def _manifest(bundle: Path) -> Manifest:

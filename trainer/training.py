@@ -23,7 +23,7 @@ from trainer.data.color import CHANNELS, GRAY_MAX_COLORED_SHARE, choose_color
 from trainer.data.foreground import AUTO_OBJECT_SHARE, choose_foreground, foreground_mask, load_user_masks
 from trainer.data.mvtec import DataError, HoldoutSplit, read_rgb, scan_mvtec, split_holdout
 from trainer.data.synthesis import AnomalySynthesizer, list_textures
-from trainer.data.training_set import TrainingKeys, TrainingPairs, ValidationSet
+from trainer.data.training_set import SyntheticDefects, TrainingKeys, TrainingPairs, ValidationSet
 from trainer.model import DiffusionAD
 from trainer.objective import JointObjective, draw_step_randomness, lr_factor
 from trainer.precision import autocast, resolve_precision
@@ -66,11 +66,17 @@ def start_distributed() -> Distributed:
     return Distributed(int(os.environ.get("RANK", "0")), world, device)
 
 
+# Synthetic defects made on the calibration images for the thresholds' detection ceiling (at least
+# one per image): enough that its 10 % quantile rests on ten of them.
+CALIBRATION_DEFECTS = 100
+
+
 @dataclass
 class PreparedData:
     train: TrainingPairs
     validation: ValidationSet  # chooses the checkpoint
     calibration: np.ndarray  # uint8 [N, H, W, 3] good images that set the thresholds, and nothing else
+    calibration_defects: SyntheticDefects  # made on the calibration images: what the thresholds must still catch
     split: HoldoutSplit
     foreground: dict  # the mode synthesis used and who chose it (config.json)
     color: dict  # rgb | gray, and who chose it (config.json)
@@ -122,10 +128,14 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
                          for p, im in zip(paths, images)])
 
     train_fg, val_fg = foregrounds(train_paths, train_images), foregrounds(val_paths, val_images)
+    calibration = np.stack([read_rgb(p, size) for p in split.calibration])
     return PreparedData(
         train=TrainingPairs(train_images, train_fg, synthesizer, cfg.seed, CHANNELS[color_mode]),
         validation=ValidationSet(val_images, val_fg, synthesizer, cfg.seed + 1, CHANNELS[color_mode]),
-        calibration=np.stack([read_rgb(p, size) for p in split.calibration]),
+        calibration=calibration,
+        calibration_defects=SyntheticDefects(
+            calibration, foregrounds(split.calibration, calibration), synthesizer, cfg.seed + 2,
+            CHANNELS[color_mode], max(CALIBRATION_DEFECTS, len(calibration))),
         fingerprint=fingerprint_files(data_dir, list(folder.train)),
         split=split,
         foreground=foreground,
@@ -343,11 +353,11 @@ class TrainingSession:
         if not self.ddp.is_main:
             return self.best
         files.load_weights(self.run / files.WEIGHTS, self.model)
-        thresholds = calibrate_run(self.model, self.cfg, self.data.calibration, self.data.validation,
-                                   self.ddp.device)
+        thresholds = calibrate_run(self.model, self.cfg, self.data.calibration, self.data.calibration_defects,
+                                   self.data.validation, self.ddp.device)
         files.write_json(self.run / files.THRESHOLDS, thresholds)
         files.write_json(self.run / files.VALIDATION, self.best)
         radar = fit_radar(self.model, self.cfg.method, self.data.validation, self.data.calibration,
-                          self.cfg.false_reject_rate, self.ddp.device)
+                          self.data.calibration_defects, self.cfg.false_reject_rate, self.ddp.device)
         files.write_json(self.run / files.RADAR, radar)
         return {**self.best, "thresholds": thresholds, "radar": radar}

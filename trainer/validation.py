@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from trainer.config import TrainConfig
-from trainer.data.training_set import ValidationSet, to_model_range
-from trainer.evaluation.calibration import calibrate
+from trainer.data.training_set import SyntheticDefects, ValidationSet, to_model_range
+from trainer.evaluation.calibration import DetectionCeiling, calibrate
 from trainer.evaluation.metrics import image_auroc, pixel_ap
 from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
@@ -38,16 +38,20 @@ def validate(model: DiffusionAD, method: MethodConfig, val: ValidationSet, devic
     return {"image_auroc": float(i_auroc), "pixel_ap": float(p_ap), "selection": float((i_auroc + p_ap) / 2)}
 
 
-def calibrate_run(model: DiffusionAD, cfg: TrainConfig, calibration: np.ndarray, val: ValidationSet,
-                  device: torch.device) -> dict:
+def calibrate_run(model: DiffusionAD, cfg: TrainConfig, calibration: np.ndarray, defects: SyntheticDefects,
+                  val: ValidationSet, device: torch.device) -> dict:
     """Thresholds under both policies from the calibration images (uint8 NHWC good parts the model
-    was neither trained nor selected on); `default` is the false-reject-rate one (needs no defects).
+    was neither trained nor selected on); `default` is the false-reject-rate one (needs no defects),
+    capped by what catches the synthetic `defects` made on those images (see calibration.py).
 
     max-F1 here takes the selection split's synthetic anomalies as its labelled defects."""
     normal = torch.stack([to_model_range(image, model.channels) for image in calibration])
     normal_maps, normal_scores = score_images(model, cfg.method, normal, device)
+    defect_maps, defect_scores = score_images(model, cfg.method, defects.images, device)
     anomal_maps, anomal_scores = score_images(model, cfg.method, val.anomalous, device)
-    by_rate = calibrate("false_reject_rate", normal_scores, normal_maps, false_reject_rate=cfg.false_reject_rate)
+    ceiling = DetectionCeiling.from_synthetic(defect_scores, defect_maps, defects.bool_masks())
+    by_rate = calibrate("false_reject_rate", normal_scores, normal_maps, false_reject_rate=cfg.false_reject_rate,
+                        ceiling=ceiling)
     by_f1 = calibrate("max_f1", normal_scores, normal_maps, anomal_scores, anomal_maps,
                       val.masks[:, 0].numpy() > 0.5)
     return {"default": "false_reject_rate", "false_reject_rate": by_rate.to_dict(), "max_f1": by_f1.to_dict()}

@@ -88,17 +88,29 @@ class TrainingKeys(Sampler):
             epoch, skip = epoch + 1, 0
 
 
+class SyntheticDefects:
+    """`count` synthetic defects made from held-out normal images, the j-th from image j mod N with
+    the seed sequence (seed, j): the same set wherever and however often it is built."""
+
+    def __init__(self, images: np.ndarray, foregrounds: np.ndarray, synthesizer: AnomalySynthesizer, seed: int,
+                 channels: int, count: int):
+        _check_arrays(images, foregrounds)
+        pairs = [_synthesize(synthesizer, images[j % len(images)], foregrounds[j % len(images)],
+                             np.random.default_rng([seed, j]), channels) for j in range(count)]
+        self.images = torch.stack([anomalous for anomalous, _ in pairs])  # [M, C, H, W] in [-1, 1]
+        self.masks = torch.stack([mask for _, mask in pairs])  # [M, 1, H, W]
+
+    def bool_masks(self) -> np.ndarray:
+        return self.masks[:, 0].numpy() > 0.5  # [M, H, W]
+
+
 class ValidationSet:
     """Normal validation images with one fixed synthetic anomaly each, made from the same image."""
 
     def __init__(
         self, images: np.ndarray, foregrounds: np.ndarray, synthesizer: AnomalySynthesizer, seed: int, channels: int
     ):
-        _check_arrays(images, foregrounds)
-        pairs = [
-            _synthesize(synthesizer, image, foreground, np.random.default_rng([seed, index]), channels)
-            for index, (image, foreground) in enumerate(zip(images, foregrounds))
-        ]
+        defects = SyntheticDefects(images, foregrounds, synthesizer, seed, channels, len(images))
         self.normal = torch.stack([to_model_range(image, channels) for image in images])  # [N, C, H, W]
-        self.anomalous = torch.stack([anomalous for anomalous, _ in pairs])  # [N, C, H, W]
-        self.masks = torch.stack([mask for _, mask in pairs])  # [N, 1, H, W]
+        self.anomalous = defects.images  # [N, C, H, W]
+        self.masks = defects.masks  # [N, 1, H, W]

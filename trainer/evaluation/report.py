@@ -126,8 +126,10 @@ def write_score_histogram(path: Path, labels: np.ndarray, scores: np.ndarray, ve
 
 def verdict_line(verdicts: dict) -> str:
     """The verdict figures of metrics.json in one line, e.g. for the terminal."""
-    return (f"at the shipped threshold {verdicts['image_threshold']:.4g}: "
-            f"{_rejects_and_escapes(verdicts['counts'])}, precision {_figure(verdicts['precision'])}, "
+    stated = verdicts.get("stated_false_reject_rate")
+    return (f"at the shipped threshold {verdicts['image_threshold']:.4g}"
+            + ("" if stated is None else f" (stated false rejects {100 * stated:.1f} %)")
+            + f": {_rejects_and_escapes(verdicts['counts'])}, precision {_figure(verdicts['precision'])}, "
             f"recall {_figure(verdicts['recall'])}, F1 {_figure(verdicts['f1'])}")
 
 
