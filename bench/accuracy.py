@@ -2,9 +2,10 @@
 set for M minutes of wall time, evaluates both heads on the set's test split, and writes the table
 to docs/accuracy.md. Not part of `make bench` (an hour a set at the README's budget).
 
-    .venv/bin/python bench/accuracy.py --minutes 60 [--sets bottle magnetic_tile hazelnut]
+    .venv/bin/python bench/accuracy.py --minutes 60 [--sets bottle magnetic_tile hazelnut] [--tiles-per-side N]
 
-Results are kept per (set, minutes) in docs/accuracy.json with their machine, date and command, and
+`--tiles-per-side N` sets that one setting (frames of N × N overlapping tiles) against resizing.
+Results are kept per (set, minutes, tiling) in docs/accuracy.json with their machine, date and command, and
 the Markdown is rebuilt from all of them: sets may be measured in separate sittings, one after the
 other, never two at once (they would share the cores). The runs are kept: after a change to the
 calibration (`trainer calibrate RUN` sets a run's thresholds again from its own held-out images) or
@@ -58,16 +59,20 @@ def head_figures(metrics: dict) -> dict:
     return {**{k: metrics[k] for k in METRICS}, **verdicts(metrics), "per_defect": per_defect}
 
 
-def run_folder(runs: Path, name: str, minutes: float) -> Path:
-    return runs / f"{name}-{minutes:g}min"
+def run_name(name: str, minutes: float, tiles: int) -> str:
+    return f"{name}-{minutes:g}min" + (f"-{tiles}x{tiles}tiles" if tiles > 1 else "")
 
 
-def measure(name: str, data: Path, minutes: float, runs: Path) -> dict:
-    run = run_folder(runs, name, minutes)
+def measure(name: str, data: Path, minutes: float, tiles: int, runs: Path) -> dict:
+    run = runs / run_name(name, minutes, tiles)
     if run.exists():
         sys.exit(f"accuracy: {run} exists; remove it or pass another --runs")
-    trainer("fit", str(data), "--out", str(run), "--time-limit", f"{minutes:g}m")
-    return {"set": name, "minutes": minutes, "steps": steps_reached(run),
+    config = []
+    if tiles > 1:
+        config = ["--config", str(runs / f"{run.name}.toml")]
+        Path(config[1]).write_text(f"tiles_per_side = {tiles}\n")
+    trainer("fit", str(data), "--out", str(run), "--time-limit", f"{minutes:g}m", *config)
+    return {"set": name, "minutes": minutes, "tiles_per_side": tiles, "steps": steps_reached(run),
             "measured": f"{datetime.now(timezone.utc):%Y-%m-%d}", "machine": describe(), **evaluated(run, data)}
 
 
@@ -77,8 +82,9 @@ def evaluated(run: Path, data: Path) -> dict:
     metrics, config = read_json(run / "eval" / "metrics.json"), read_json(run / "config.json")
     selection = {"norm-guided": read_json(run / "validation.json")["selection"],
                  "radar": read_json(run / "radar.json")["validation"]["selection"]}
+    frame = config["train"].get("tiles_per_side", 1)
     return {
-        "decisions": {"foreground": config["data"]["foreground"]["mode"],
+        "decisions": {"tiles": f"{frame}×{frame}", "foreground": config["data"]["foreground"]["mode"],
                       "color": config["data"].get("color", {}).get("mode", "rgb"),
                       "precision": config.get("precision", {}).get("computed_in", "fp32")},
         "recommended_head": max(selection, key=selection.get),
@@ -89,7 +95,8 @@ def evaluated(run: Path, data: Path) -> dict:
 
 def markdown(results: list[dict], command: str) -> str:
     lines = ["# Accuracy per CPU budget", "",
-             "`small` profile, the product's defaults (no config file), trained for the stated wall-clock "
+             "`small` profile, the product's defaults (no config file; \"tiles\" other than 1×1: that one setting, "
+             "`tiles_per_side`), trained for the stated wall-clock "
              "minutes on the machine named below each set, then both heads evaluated on the set's test split "
              "(never seen in training). Verdicts are at the threshold the run shipped: 1 % false rejects on "
              "good parts targeted, the rate it states beside them (\"capped\": too few calibration images to "
@@ -116,24 +123,35 @@ def markdown(results: list[dict], command: str) -> str:
                 cells = " | ".join(f"{100 * scores[k]:.1f}" for k in DEFECT_METRICS)
                 lines.append(f"| {r['set']} | {head} | {defect} | {cells} |")
     lines += ["", "Measured on:", ""]
-    lines += [f"- {r['set']}, {r['minutes']:g} min (trained {r['measured']}, evaluated "
+    lines += [f"- {r['set']}, {r['minutes']:g} min{tiling(r)} (trained {r['measured']}, evaluated "
               f"{r.get('evaluated', r['measured'])}): {r['machine']}" for r in results]
     lines += ["", "Test images of each run as `trainer eval` drew them (input, norm-guided reconstruction, both "
               "heads' maps, ground truth; `good/...` rows show whether the reconstruction of a good part is "
               "free of noise):", ""]
-    lines += [f"- [{r['set']}, {r['minutes']:g} min]({samples_picture(r['set'], r['minutes'])})" for r in results]
+    lines += [f"- [{r['set']}, {r['minutes']:g} min{tiling(r)}]({samples_picture(key(r))})" for r in results]
     return "\n".join(lines) + "\n"
 
 
-def samples_picture(name: str, minutes: float) -> str:
+def tiling(result: dict) -> str:
+    tiles = result.get("tiles_per_side", 1)  # records from before tiling: 1
+    return f", {tiles}×{tiles} tiles" if tiles > 1 else ""
+
+
+def key(result: dict) -> tuple[str, float, int]:
+    return result["set"], result["minutes"], result.get("tiles_per_side", 1)
+
+
+def samples_picture(run: tuple[str, float, int]) -> str:
     """Where a run's samples.png is kept, relative to docs/."""
-    return f"accuracy/{name}-{minutes:g}min-samples.png"
+    return f"accuracy/{run_name(*run)}-samples.png"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, required=True, help="training wall time per set")
-    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    parser.add_argument("--sets", nargs="+", default=list(SETS),
+                        help="folders of --datasets (e.g. mosaics written by bench/mosaics.py)")
+    parser.add_argument("--tiles-per-side", type=int, default=1, help="frames of N × N tiles (1: resized whole)")
     parser.add_argument("--datasets", type=Path, default=REPO.parent / "shared" / "datasets")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "accuracy", help="where the runs are kept")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "accuracy.md")
@@ -143,21 +161,27 @@ def main() -> None:
     args = parser.parse_args()
     store = args.out.with_suffix(".json")
     results = read_json(store) if store.is_file() else []
+    missing = [name for name in args.sets if not (args.datasets / name).is_dir()]
+    if missing:
+        sys.exit(f"accuracy: no {', '.join(missing)} in {args.datasets}")
     for name in args.sets:
+        run = (name, args.minutes, args.tiles_per_side)
         if args.evaluate_kept:
-            kept = next((r for r in results if (r["set"], r["minutes"]) == (name, args.minutes)), None)
+            kept = next((r for r in results if key(r) == run), None)
             if kept is None:
-                sys.exit(f"accuracy: no {name} run of {args.minutes:g} minutes in {store} to evaluate again")
-            result = {**kept, **evaluated(run_folder(args.runs, name, args.minutes), args.datasets / name)}
+                sys.exit(f"accuracy: no {run_name(*run)} run in {store} to evaluate again")
+            result = {**kept, **evaluated(args.runs / run_name(*run), args.datasets / name)}
         else:
-            result = measure(name, args.datasets / name, args.minutes, args.runs)
-        picture = args.out.parent / samples_picture(name, args.minutes)
+            result = measure(name, args.datasets / name, args.minutes, args.tiles_per_side, args.runs)
+        picture = args.out.parent / samples_picture(run)
         picture.parent.mkdir(exist_ok=True)
-        shutil.copyfile(run_folder(args.runs, name, args.minutes) / "eval" / "samples.png", picture)
-        results = [r for r in results if (r["set"], r["minutes"]) != (name, args.minutes)] + [result]
-        results.sort(key=lambda r: (SETS.index(r["set"]), r["minutes"]))
+        shutil.copyfile(args.runs / run_name(*run) / "eval" / "samples.png", picture)
+        results = [r for r in results if key(r) != run] + [result]
+        results.sort(key=lambda r: (SETS.index(r["set"]) if r["set"] in SETS else len(SETS), r["set"], r["minutes"],
+                                    r.get("tiles_per_side", 1)))
         store.write_text(json.dumps(results, indent=2) + "\n")  # after every set: a later failure keeps it
-        args.out.write_text(markdown(results, "bench/accuracy.py --minutes M --sets SET [SET ...] [--evaluate-kept]"))
+        args.out.write_text(markdown(results, "bench/accuracy.py --minutes M --sets SET [SET ...] [--tiles-per-side N] "
+                                              "[--evaluate-kept]"))
         print(f"{name}: written to {args.out}", flush=True)
 
 

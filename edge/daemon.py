@@ -342,9 +342,15 @@ class Daemon:
 
     def _warn_if_thresholds_rest_on_few_images(self, model: LoadedModel) -> None:
         """The stated false-reject rate of a bundle calibrated on too few good images is a fit, not an
-        observation (and may have been given up to keep catching defects): say so where operators look."""
-        thresholds = model.head.thresholds
-        if thresholds.estimator == "logit-normal":
+        observation (and may have been given up to keep catching defects); thresholds from the
+        station's settings state none: say so where operators look."""
+        thresholds, served = model.head.thresholds, self.settings.inference
+        if served.image_threshold is not None or served.pixel_threshold is not None:
+            # The bundle's stated rates belong to its own thresholds: none is stated for these.
+            self.log.warning("thresholds_set_by_station_settings", image=served.image_threshold,
+                             pixel=served.pixel_threshold, bundle_image=thresholds.image, bundle_pixel=thresholds.pixel,
+                             advice="the bundle's stated false-reject rate does not apply to these thresholds")
+        elif thresholds.estimator == "logit-normal":
             self.log.warning("thresholds_rest_on_few_images", calibration_images=thresholds.calibration_images,
                              target_false_reject_rate=thresholds.target_false_reject_rate,
                              expected_false_reject_rate=thresholds.expected_false_reject_rate,

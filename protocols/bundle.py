@@ -16,12 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocols.one_class import KnnNormalModel
 
-BUNDLE_VERSION = 5
+BUNDLE_VERSION = 6
 # 2: thresholds state their expected false-reject rate. 3: heads (norm-guided, RADAR). 4: files
 # state their precision, the CPU features they need and, below fp32, their parity with it. 5:
-# thresholds state what set them and their detection ceiling. Older versions still load: 1 and 2
-# as a bundle with the norm-guided head only, every file fp32 with no stated CPU needs.
-SUPPORTED_BUNDLE_VERSIONS = (1, 2, 3, 4, 5)
+# thresholds state what set them and their detection ceiling. 6: the input states its tiling. Older
+# versions still load: 1 and 2 as a bundle with the norm-guided head only, every file fp32 with no
+# stated CPU needs.
+SUPPORTED_BUNDLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 MANIFEST_NAME = "manifest.json"
 # sha256 of manifest.json's bytes: the manifest cannot list its own hash, so it sits beside it.
 MANIFEST_DIGEST_NAME = "manifest.sha256"
@@ -31,6 +32,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TilingSpec(_Strict):
+    """How the graphs cut a frame for the networks; the station sends whole frames either way."""
+    tile: int = Field(gt=0, description="side of the networks' input, px")
+    per_side: int = Field(ge=2, description="tiles a side: per_side² tiles a frame")
+    stride: int = Field(gt=0, description="tile origins are multiples of it; neighbours overlap by tile - stride")
+
+
 class InputSpec(_Strict):
     height: int = Field(gt=0)
     width: int = Field(gt=0)
@@ -38,6 +46,8 @@ class InputSpec(_Strict):
     layout: Literal["NHWC"] = "NHWC"
     color: Literal["RGB"] = "RGB"
     max_batch: int = Field(gt=0, description="largest batch every file in the bundle accepts")
+    tiling: TilingSpec | None = Field(None, description="frames cut into overlapping tiles inside the graphs, "
+                                      "their maps stitched (mean over overlaps); none: one tile, the frame")
 
 
 HeadName = Literal["norm-guided", "radar"]
@@ -173,7 +183,7 @@ class HeadSpec(_Strict):
 
 
 class Manifest(_Strict):
-    version: Literal[5] = Field(BUNDLE_VERSION, description="versions 1 to 4 are read as version 5; 1 and 2 with "
+    version: Literal[6] = Field(BUNDLE_VERSION, description="versions 1 to 5 are read as version 6; 1 and 2 with "
                                 "one norm-guided head")
     model: ModelIdentity
     input: InputSpec
@@ -184,9 +194,9 @@ class Manifest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _upgrade(cls, data: Any) -> Any:
-        """An older manifest: versions 3 and 4 lack only what has defaults; in versions 1 and 2 the
+        """An older manifest: versions 3 to 5 lack only what has defaults; in versions 1 and 2 the
         one graph is the norm-guided head."""
-        if isinstance(data, dict) and data.get("version") in (3, 4):
+        if isinstance(data, dict) and data.get("version") in (3, 4, 5):
             return {**data, "version": BUNDLE_VERSION}
         if not (isinstance(data, dict) and data.get("version") in (1, 2)):
             return data

@@ -40,7 +40,7 @@ def eager_reference(tiny_run: Path, datasets_dir: Path):
 def test_manifest_describes_the_bundle(bundle: Path, tiny_run: Path):
     manifest = Manifest.model_validate_json((bundle / MANIFEST_NAME).read_text())
     thresholds = json.loads((tiny_run / "thresholds.json").read_text())
-    assert manifest.version == 5 and manifest.head_names == ["norm-guided", "radar"]
+    assert manifest.version == 6 and manifest.head_names == ["norm-guided", "radar"]
     head = manifest.head("norm-guided")
     assert manifest.input.height == manifest.input.width == 64 and manifest.input.max_batch == 4
     assert (head.method.t_s, head.method.t_b, head.method.top_k) == (200, 400, 50)

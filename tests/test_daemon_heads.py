@@ -59,6 +59,17 @@ def test_the_radar_head_answers_real_frames_with_its_programs_offline_scores(bun
     assert warned and warned[0]["calibration_images"] == head.thresholds.calibration_images
 
 
+def test_thresholds_from_the_station_settings_are_logged_as_stating_no_rate(bundles, daemon_factory, broker):
+    daemon = daemon_factory(bundles[0], head="norm-guided", image_threshold=0.5)
+    daemon.wait_for_log("thresholds_set_by_station_settings", timeout_s=30)
+    logged = [json.loads(line) for line in daemon.log_path.read_text().splitlines() if line.startswith("{")]
+    events = [line["event"] for line in logged]
+    assert "thresholds_rest_on_few_images" not in events  # the bundle's rate is not what is served
+    overridden = next(line for line in logged if line["event"] == "thresholds_set_by_station_settings")
+    bundle_head = Manifest.model_validate_json((bundles[0] / MANIFEST_NAME).read_text()).head("norm-guided")
+    assert (overridden["image"], overridden["bundle_image"]) == (0.5, bundle_head.thresholds.image)
+
+
 def test_a_head_the_bundle_lacks_stops_the_station_before_ready_in_one_line(bundles, tmp_path):
     bundle = tmp_path / "norm-guided-only"
     bundle.mkdir()

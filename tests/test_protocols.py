@@ -68,7 +68,7 @@ def test_version_1_and_2_manifests_are_read_as_one_norm_guided_head(version):
     raw = json.loads(DEMO_MANIFEST.read_text())
     raw["version"] = version
     manifest = Manifest.model_validate(raw)
-    assert manifest.version == BUNDLE_VERSION == 5 and manifest.head_names == ["norm-guided"]
+    assert manifest.version == BUNDLE_VERSION == 6 and manifest.head_names == ["norm-guided"]
     assert manifest.recommended_head == "norm-guided"
     head = manifest.head("norm-guided")
     assert [f.model_dump(include=set(FILE_FIELDS_V1)) for f in head.files] == raw["files"]
@@ -97,9 +97,11 @@ def test_a_version_3_manifest_round_trips_with_both_heads_and_checks_them():
             Manifest.model_validate(broken)
 
 
-def test_version_3_and_4_manifests_read_as_version_5_lacking_only_fields_with_defaults():
+def test_version_3_to_5_manifests_read_as_version_6_lacking_only_fields_with_defaults():
     manifest = Manifest.model_validate_json(DEMO_MANIFEST.read_text())
     raw = json.loads(manifest.model_dump_json())
+    del raw["input"]["tiling"]
+    assert Manifest.model_validate({**raw, "version": 5}) == manifest
     for key in ("limited_by", "detection_ceiling_image", "detection_ceiling_pixel"):
         del raw["heads"][0]["thresholds"][key]
     assert Manifest.model_validate({**raw, "version": 4}) == manifest

@@ -15,7 +15,7 @@ from trainer.export.trt_readiness import _lowered_ops, tensorrt_ops, unsupported
 from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
 from trainer.profiles import get_profile
-from trainer.radar import RadarConstants, RadarInference, feature_window
+from trainer.radar import RadarConstants, feature_window
 
 PROFILE = get_profile("tiny")
 
@@ -27,19 +27,21 @@ def export_with_dynamic_batch(module: torch.nn.Module, example: torch.Tensor) ->
         return torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=True)
 
 
-@pytest.fixture(scope="module", params=[3, 1], ids=["rgb", "gray"])
+@pytest.fixture(scope="module", params=[(3, 1), (1, 1), (3, 2)], ids=["rgb", "gray", "rgb-tiled"])
 def fused_program(request) -> torch.export.ExportedProgram:
-    fused = DiffusionAD(PROFILE, request.param).fused(MethodConfig()).eval()
-    size = PROFILE.image_size
-    return export_with_dynamic_batch(fused, torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8))
+    channels, tiles_per_side = request.param
+    model = DiffusionAD(PROFILE, channels, tiles_per_side)
+    size = model.frame_size
+    return export_with_dynamic_batch(model.fused(MethodConfig()).eval(),
+                                     torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8))
 
 
-@pytest.fixture(scope="module")
-def radar_program() -> torch.export.ExportedProgram:
-    size = PROFILE.image_size
-    head = RadarInference(DiffusionAD(PROFILE).denoiser, MethodConfig(), size, RadarConstants(
-        t=50, discrepancy="residual", window=feature_window(size), map_scale=1.0))
-    return export_head(head, size, 8)
+@pytest.fixture(scope="module", params=[1, 2], ids=["whole", "tiled"])
+def radar_program(request) -> torch.export.ExportedProgram:
+    model = DiffusionAD(PROFILE, tiles_per_side=request.param)
+    head = model.radar(MethodConfig(), RadarConstants(
+        t=50, discrepancy="residual", window=feature_window(model.frame_size), map_scale=1.0))
+    return export_head(head, model.frame_size, 8)
 
 
 def test_the_op_list_names_the_torch_tensorrt_version_it_was_read_from():

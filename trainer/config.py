@@ -51,6 +51,11 @@ class TrainConfig(BaseModel):
     textures: Path | None = Field(None, description="folder of texture images used as anomaly source")
     texture_probability: float = Field(0.5, ge=0, le=1, description="chance of a texture source (objects)")
     false_reject_rate: float = Field(0.01, gt=0, lt=1, description="calibration target on normal images")
+    tiles_per_side: int = Field(
+        1, ge=1, le=8, description="n > 1: frames are resized to n profile-size tiles a side, overlapping by a "
+                                   "quarter (small: n = 3 → 320 px, n = 5 → 512 px), and inspected tile by tile at that "
+                                   "resolution, at n² the cost per frame; training draws random tiles (measured: "
+                                   "README, Large frames)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="training arithmetic; auto: bf16 on a CPU with AVX-512 BF16 or AMX, else fp32; "
                             "bf16 on GPUs and CPUs, fp16 on CUDA GPUs only (default measured: README, bf16 training)")

@@ -31,7 +31,8 @@ def load_run(run: Path) -> tuple[TrainConfig, DiffusionAD, dict]:
     config = files.read_json(run / files.CONFIG)
     cfg = TrainConfig.model_validate(config["train"])
     # Runs from before gray models were RGB.
-    model = DiffusionAD(get_profile(cfg.profile), CHANNELS[config["data"].get("color", {"mode": "rgb"})["mode"]])
+    model = DiffusionAD(get_profile(cfg.profile), CHANNELS[config["data"].get("color", {"mode": "rgb"})["mode"]],
+                        cfg.tiles_per_side)
     files.load_weights(run / files.WEIGHTS, model)
     return cfg, model.eval(), files.read_json(run / files.THRESHOLDS)
 
@@ -90,7 +91,7 @@ def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_s
     cfg, model, thresholds = load_run(run)
     radar = radar_record(run, cfg, model)
     folder = scan_mvtec(data_dir, require_test=True)
-    size = model.image_size
+    size = model.frame_size
     images = np.stack([read_rgb(s.image, size) for s in folder.test])
     masks = np.stack([read_mask(s.mask, METRIC_SIZE) if s.mask else np.zeros((METRIC_SIZE,) * 2, bool)
                       for s in folder.test])

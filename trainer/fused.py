@@ -1,7 +1,8 @@
 """The fused one-step norm-guided inference: the whole graph that is exported to a bundle.
 
-uint8 RGB [B, H, W, 3] at model resolution in; anomaly_map [B, H, W] in [0, 1] and score [B] out.
-Normalisation, the reduction to gray for a gray model, both noise scales, the batched denoiser
+uint8 RGB [B, H, W, 3] at frame resolution in; anomaly_map [B, H, W] in [0, 1] and score [B] out.
+Normalisation, the reduction to gray for a gray model, the cut into tiles of the networks' size
+(when frames are larger) and the stitching of their maps, both noise scales, the batched denoiser
 call, guidance, segmenter and top-K score all live inside the graph; thresholds stay outside it.
 """
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from trainer.diffusion import linear_alpha_bars, norm_guided_x0, q_sample, top_k_mean
 from trainer.method import MethodConfig
+from trainer.tiling import Tiling
 
 
 # ITU-R BT.601 luma, as OpenCV's RGB2GRAY: a mono camera's frame, sent as RGB with equal channels,
@@ -52,13 +54,15 @@ def unit_range_to_uint8_nhwc(images: Tensor) -> np.ndarray:
 
 
 class FusedInference(nn.Module):
-    def __init__(self, denoiser: nn.Module, segmenter: nn.Module, method: MethodConfig, image_size: int):
+    def __init__(self, denoiser: nn.Module, segmenter: nn.Module, method: MethodConfig, image_size: int,
+                 tiles_per_side: int = 1):
         super().__init__()
         self.denoiser = denoiser
         self.segmenter = segmenter
         self.guidance_w = method.guidance_w
         self.top_k = method.top_k
         self.channels = denoiser.channels
+        self.tiling = Tiling(image_size, tiles_per_side)
         alpha_bars = linear_alpha_bars(method.num_timesteps, method.beta_start, method.beta_end)
         self.register_buffer("alpha_bar_s", alpha_bars[method.t_s].float().reshape(1))
         self.register_buffer("alpha_bar_b", alpha_bars[method.t_b].float().reshape(1))
@@ -66,8 +70,7 @@ class FusedInference(nn.Module):
         self.register_buffer("t_b", torch.tensor([float(method.t_b)]))
         self.register_buffer("noise", fixed_noise(method.noise_seed, image_size, self.channels))
 
-    def reconstruct(self, x0: Tensor) -> Tensor:
-        """Norm-guided one-step reconstruction x̂0_g of model inputs (model_input): [B, C, H, W]."""
+    def _reconstruct_tiles(self, x0: Tensor) -> Tensor:
         batch = x0.shape[0]
         ab_s, ab_b = self.alpha_bar_s.expand(batch), self.alpha_bar_b.expand(batch)
         x_ts = q_sample(x0, ab_s, self.noise[0].expand_as(x0))
@@ -77,9 +80,16 @@ class FusedInference(nn.Module):
         eps_s, eps_b = self.denoiser(torch.cat([x_ts, x_tb]), t).unflatten(0, (2, batch)).unbind(0)
         return norm_guided_x0(x_ts, x_tb, eps_s, eps_b, ab_s, ab_b, self.guidance_w)
 
+    def _map_tiles(self, x0: Tensor) -> Tensor:
+        return self.segmenter(torch.cat([x0, self._reconstruct_tiles(x0)], dim=1))[:, 0]
+
+    def reconstruct(self, x0: Tensor) -> Tensor:
+        """Norm-guided one-step reconstruction x̂0_g of model inputs (model_input): [B, C, H, W]."""
+        return self.tiling.map(self._reconstruct_tiles, x0)
+
     def score(self, x0: Tensor) -> tuple[Tensor, Tensor]:
-        """Model inputs [B, C, H, W] → (anomaly_map [B, H, W], score [B])."""
-        anomaly_map = self.segmenter(torch.cat([x0, self.reconstruct(x0)], dim=1))[:, 0]
+        """Model inputs [B, C, H, W] → (anomaly_map [B, H, W], score [B]), the score over the whole frame."""
+        anomaly_map = self.tiling.map(self._map_tiles, x0)
         return anomaly_map, top_k_mean(anomaly_map, self.top_k)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:

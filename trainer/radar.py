@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from trainer.diffusion import linear_alpha_bars, q_sample
 from trainer.fused import fixed_noise, model_input
 from trainer.method import MethodConfig
+from trainer.tiling import Tiling
 
 BLUR_KSIZE = 5   # RADAR's Gaussian blur of the discrepancy
 SOBEL_KSIZE = 5  # RADAR's Sobel filter of the blurred discrepancy
@@ -98,8 +99,10 @@ def squash(response: Tensor, scale: Tensor | float) -> Tensor:
 class RadarInference(nn.Module):
     """The RADAR graph over a trained denoiser (shared, not copied)."""
 
-    def __init__(self, denoiser: nn.Module, method: MethodConfig, image_size: int, constants: RadarConstants):
+    def __init__(self, denoiser: nn.Module, method: MethodConfig, image_size: int, constants: RadarConstants,
+                 tiles_per_side: int = 1):
         super().__init__()
+        self.tiling = Tiling(image_size, tiles_per_side)
         self.denoiser = denoiser
         self.constants = constants
         self.window = constants.window
@@ -116,19 +119,25 @@ class RadarInference(nn.Module):
         self.register_buffer("sobel_smooth", smooth)
         self.register_buffer("sobel_derivative", derivative)
 
-    def discrepancies(self, x0: Tensor) -> dict[str, Tensor]:
-        """Model inputs [B, C, H, W] → both discrepancies from one denoiser pass, by name."""
+    def _discrepancies(self, x0: Tensor) -> dict[str, Tensor]:
+        """Model inputs at the networks' size → both discrepancies from one denoiser pass, by name."""
         batch = x0.shape[0]
         noise = self.noise.expand_as(x0)
         eps_hat = self.denoiser(q_sample(x0, self.alpha_bar.expand(batch), noise), self.t.expand(batch))
         return {"residual": eps_hat - noise, "predicted": eps_hat}
 
-    def edge_response(self, discrepancy: Tensor) -> Tensor:
+    def _edge_response(self, discrepancy: Tensor) -> Tensor:
         return edge_response(discrepancy, self.blur, self.sobel_smooth, self.sobel_derivative)
+
+    def responses(self, x0: Tensor) -> dict[str, Tensor]:
+        """Model inputs [B, C, H, W] → the edge response [B, H, W] of every discrepancy, by name (one
+        denoiser pass for all: choosing the discrepancy compares them)."""
+        discrepancies = self._discrepancies(self.tiling.split(x0))
+        return {name: self.tiling.stitch(self._edge_response(d)) for name, d in discrepancies.items()}
 
     def response(self, x0: Tensor) -> Tensor:
         """Model inputs [B, C, H, W] → edge response of the noise discrepancy [B, H, W]."""
-        return self.edge_response(self.discrepancies(x0)[self.discrepancy])
+        return self.tiling.map(lambda tiles: self._edge_response(self._discrepancies(tiles)[self.discrepancy]), x0)
 
     def score(self, x0: Tensor) -> tuple[Tensor, Tensor]:
         """Model inputs → (anomaly_map [B, H, W], features [B, 2])."""

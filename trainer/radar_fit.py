@@ -23,8 +23,7 @@ BATCH = 16
 @torch.no_grad()
 def responses(head: RadarInference, images: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     """Edge responses [N, H, W] of images in [-1, 1] for every discrepancy, one denoiser pass each."""
-    chunks = [{name: head.edge_response(d).cpu() for name, d in head.discrepancies(chunk.to(device)).items()}
-              for chunk in images.split(BATCH)]
+    chunks = [{name: r.cpu() for name, r in head.responses(chunk.to(device)).items()} for chunk in images.split(BATCH)]
     return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
 
 
@@ -43,7 +42,7 @@ def _candidate(normal: torch.Tensor, anomalous: torch.Tensor, masks: np.ndarray,
 def choose_constants(model: DiffusionAD, method: MethodConfig, val: ValidationSet,
                      device: torch.device) -> tuple[RadarConstants, list[dict]]:
     """t_radar and the discrepancy with the best selection figure; every candidate's figures."""
-    size, window = model.image_size, feature_window(model.image_size)
+    window = feature_window(model.frame_size)
     masks = val.masks[:, 0].numpy() > 0.5
     scales = [t for t in T_CANDIDATES if t < method.tau]
     if not scales:
@@ -51,16 +50,15 @@ def choose_constants(model: DiffusionAD, method: MethodConfig, val: ValidationSe
                          "in the small-noise range [0, tau) the denoiser was trained on")
     candidates = []
     for t in scales:
-        head = RadarInference(model.denoiser, method, size, RadarConstants(
-            t=t, discrepancy="residual", window=window, map_scale=1.0)).to(device)
+        head = model.radar(method, RadarConstants(t=t, discrepancy="residual", window=window, map_scale=1.0)).to(device)
         normal, anomalous = responses(head, val.normal, device), responses(head, val.anomalous, device)
         for name in DISCREPANCIES:
             candidates.append({"t": t, "discrepancy": name,
                                **_candidate(normal[name], anomalous[name], masks, window)})
     best = max(candidates, key=lambda c: c["selection"])
     # Scale: a good image's typical highest response maps to 0.5.
-    head = RadarInference(model.denoiser, method, size, RadarConstants(
-        t=best["t"], discrepancy=best["discrepancy"], window=window, map_scale=1.0)).to(device)
+    head = model.radar(method, RadarConstants(t=best["t"], discrepancy=best["discrepancy"], window=window,
+                                              map_scale=1.0)).to(device)
     highest = responses(head, val.normal, device)[best["discrepancy"]].flatten(1).amax(dim=1)
     scale = max(float(highest.median()), 1e-6)
     return RadarConstants(t=best["t"], discrepancy=best["discrepancy"], window=window, map_scale=scale), candidates
@@ -81,7 +79,7 @@ def fit_radar(model: DiffusionAD, method: MethodConfig, val: ValidationSet, cali
     was_training = model.training
     model.eval()
     constants, candidates = choose_constants(model, method, val, device)
-    head = RadarInference(model.denoiser, method, model.image_size, constants).to(device)
+    head = model.radar(method, constants).to(device)
     _, normal_features = radar_outputs(head, val.normal, device)
     knn, _ = fit_knn(normal_features)
     thresholds = radar_thresholds(head, knn, calibration, defects, val, false_reject_rate, device)
@@ -111,5 +109,5 @@ def load_radar(record: dict, model: DiffusionAD, method: MethodConfig) -> tuple[
     """A run's RADAR head from its radar.json record: the graph over the model's denoiser and the
     one-class model that scores the graph's features."""
     constants = RadarConstants.model_validate(record["constants"])
-    return (RadarInference(model.denoiser, method, model.image_size, constants).eval(),
+    return (model.radar(method, constants).eval(),
             KnnNormalModel.model_validate(record["one_class"]))

@@ -87,7 +87,7 @@ def _run_heads(run: Path) -> tuple[int, list[_Head]]:
         record = files.read_json(run / files.RADAR)
         graph, one_class = load_radar(record, model, cfg.method)
         heads.append(_Head("radar", graph, one_class, Thresholds.from_dict(record["thresholds"]["false_reject_rate"]), BATCH))
-    return model.image_size, heads
+    return model.frame_size, heads
 
 
 def recalibrate(source: Path, good_dir: Path | None, defects_dir: Path | None, false_reject_rate: float,

@@ -23,13 +23,14 @@ from trainer.data.color import CHANNELS, GRAY_MAX_COLORED_SHARE, choose_color
 from trainer.data.foreground import AUTO_OBJECT_SHARE, choose_foreground, foreground_mask, load_user_masks
 from trainer.data.mvtec import DataError, HoldoutSplit, read_rgb, scan_mvtec, split_holdout
 from trainer.data.synthesis import AnomalySynthesizer, list_textures
-from trainer.data.training_set import SyntheticDefects, TrainingKeys, TrainingPairs, ValidationSet
+from trainer.data.training_set import SyntheticDefects, TrainingKeys, TrainingPairs, ValidationSet, fixed_tiles
 from trainer.model import DiffusionAD
 from trainer.objective import JointObjective, draw_step_randomness, lr_factor
 from trainer.precision import autocast, resolve_precision
 from trainer.pretrain import load_pretrained, shipped_denoiser
 from trainer.profiles import get_profile
 from trainer.radar_fit import fit_radar
+from trainer.tiling import frame_size
 from trainer.validation import calibrate_run, validate
 
 
@@ -74,7 +75,8 @@ CALIBRATION_DEFECTS = 100
 @dataclass
 class PreparedData:
     train: TrainingPairs
-    validation: ValidationSet  # chooses the checkpoint
+    selection: ValidationSet  # chooses the checkpoint: one tile of each selection image (the images when untiled)
+    validation: ValidationSet  # the selection images whole: RADAR's constants, the heads' comparison, max-F1
     calibration: np.ndarray  # uint8 [N, H, W, 3] good images that set the thresholds, and nothing else
     calibration_defects: SyntheticDefects  # made on the calibration images: what the thresholds must still catch
     split: HoldoutSplit
@@ -98,7 +100,8 @@ def fingerprint_files(root: Path, paths: list[Path]) -> str:
 
 def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
     """Scan, split, decode and compute foregrounds up front: bad data fails before any output."""
-    size = get_profile(cfg.profile).image_size
+    tile = get_profile(cfg.profile).image_size
+    size = frame_size(tile, cfg.tiles_per_side)  # what inference sees: the training tiles are cut from it
     folder = scan_mvtec(data_dir, require_test=False)
     try:
         split = split_holdout(folder.train, cfg.val_fraction, cfg.calibration_fraction, cfg.seed)
@@ -122,6 +125,7 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
     # Texture classes always take a texture as anomaly source (METHOD.md); objects only sometimes.
     texture_probability = 1.0 if mode == "texture" else cfg.texture_probability
     synthesizer = AnomalySynthesizer(size, textures, texture_probability=texture_probability)
+    tile_synthesizer = AnomalySynthesizer(tile, textures, texture_probability=texture_probability)
 
     def foregrounds(paths: list[Path], images: np.ndarray) -> np.ndarray:
         return np.stack([user_masks[p.stem] if p.stem in user_masks else foreground_mask(im, mode)
@@ -129,9 +133,14 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
 
     train_fg, val_fg = foregrounds(train_paths, train_images), foregrounds(val_paths, val_images)
     calibration = np.stack([read_rgb(p, size) for p in split.calibration])
+    validation = ValidationSet(val_images, val_fg, synthesizer, cfg.seed + 1, CHANNELS[color_mode])
+    # Whole frames cost tiles_per_side² tile passes: a tiled model is chosen on one tile of each.
+    selection = validation if size == tile else ValidationSet(
+        *fixed_tiles(val_images, val_fg, tile, cfg.seed + 3), tile_synthesizer, cfg.seed + 1, CHANNELS[color_mode])
     return PreparedData(
-        train=TrainingPairs(train_images, train_fg, synthesizer, cfg.seed, CHANNELS[color_mode]),
-        validation=ValidationSet(val_images, val_fg, synthesizer, cfg.seed + 1, CHANNELS[color_mode]),
+        train=TrainingPairs(train_images, train_fg, tile_synthesizer, cfg.seed, CHANNELS[color_mode]),
+        selection=selection,
+        validation=validation,
         calibration=calibration,
         calibration_defects=SyntheticDefects(
             calibration, foregrounds(split.calibration, calibration), synthesizer, cfg.seed + 2,
@@ -191,8 +200,8 @@ class TrainingSession:
         self.precision, self.precision_reason = resolve_precision(cfg.precision, ddp.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         # channels_last: oneDNN / cuDNN convolutions run faster on NHWC (≈1.2× per CPU step here).
-        self.model = DiffusionAD(get_profile(cfg.profile), data.channels).to(ddp.device,
-                                                                             memory_format=torch.channels_last)
+        self.model = DiffusionAD(get_profile(cfg.profile), data.channels, cfg.tiles_per_side).to(
+            ddp.device, memory_format=torch.channels_last)
         self.model.denoiser.grad_checkpointing = cfg.grad_checkpointing
         self.denoiser_start = self._start_denoiser()
         objective = JointObjective(self.model, cfg.method).to(ddp.device)
@@ -262,7 +271,7 @@ class TrainingSession:
         """Score the validation split; keep the weights if they are the best so far."""
         message = None
         if self.ddp.is_main:
-            record = validate(self.model, self.cfg.method, self.data.validation, self.ddp.device)
+            record = validate(self.model, self.cfg.method, self.data.selection, self.ddp.device)
             record.update(step=self.step, elapsed_s=round(self.elapsed, 1))
             if record["selection"] > self.best["selection"]:
                 self.best = record
@@ -353,6 +362,10 @@ class TrainingSession:
         if not self.ddp.is_main:
             return self.best
         files.load_weights(self.run / files.WEIGHTS, self.model)
+        if self.data.selection is not self.data.validation:
+            # The heads are compared on whole frames (RADAR's figures are): score the chosen weights on them.
+            self.best = {**self.best, **validate(self.model, self.cfg.method, self.data.validation, self.ddp.device),
+                         "chosen_on_tiles": {k: self.best[k] for k in ("image_auroc", "pixel_ap", "selection")}}
         thresholds = calibrate_run(self.model, self.cfg, self.data.calibration, self.data.calibration_defects,
                                    self.data.validation, self.ddp.device)
         files.write_json(self.run / files.THRESHOLDS, thresholds)

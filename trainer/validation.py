@@ -15,9 +15,14 @@ from trainer.model import DiffusionAD
 @torch.no_grad()
 def score_images(model: DiffusionAD, method: MethodConfig, images: torch.Tensor, device: torch.device,
                  batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Deployment inference (fixed noise, t_s/t_b) on model inputs → (maps [N,H,W], scores [N])."""
+    """Deployment inference (fixed noise, t_s/t_b) on model inputs → (maps [N,H,W], scores [N]):
+    frames of the model's frame size, or single tiles of its networks' size."""
+    size = images.shape[-1]
+    if size not in (model.frame_size, model.image_size):
+        raise ValueError(f"images of {size} px are neither frames ({model.frame_size} px) nor tiles "
+                         f"({model.image_size} px) of this model")
     was_training = model.training
-    fused = model.eval().fused(method).to(device)
+    fused = model.eval().fused(method, on_tiles=size != model.frame_size).to(device)
     maps, scores = [], []
     for chunk in images.split(batch_size):
         m, s = fused.score(chunk.to(device))

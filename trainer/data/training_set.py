@@ -32,8 +32,27 @@ def _synthesize(
     return to_model_range(synthetic, channels), torch.from_numpy(mask)[None]
 
 
+def random_tile(image: np.ndarray, foreground: np.ndarray, size: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random size × size tile of an image and its foreground; the image itself when it is that size
+    (drawing nothing from `rng`)."""
+    room = image.shape[0] - size
+    if room == 0:
+        return image, foreground
+    y, x = rng.integers(room + 1, size=2)
+    return image[y:y + size, x:x + size], foreground[y:y + size, x:x + size]
+
+
+def fixed_tiles(images: np.ndarray, foregrounds: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One random tile of each image and of its foreground, the i-th drawn from the seed sequence (seed, i)."""
+    pairs = [random_tile(image, foreground, size, np.random.default_rng([seed, i]))
+             for i, (image, foreground) in enumerate(zip(images, foregrounds))]
+    return np.stack([image for image, _ in pairs]), np.stack([foreground for _, foreground in pairs])
+
+
 class TrainingPairs(Dataset):
-    """Item (epoch, i): normal image i and a synthetic anomaly made from a randomly chosen image.
+    """Item (epoch, i): normal image i and a synthetic anomaly made from a randomly chosen image; for
+    images larger than the synthesizer's size (tiled models), a random tile of each.
 
     All its randomness comes from the seed sequence (seed, epoch, i), so an epoch's items are the same
     whatever the number of workers or the order in which they are fetched.
@@ -43,6 +62,8 @@ class TrainingPairs(Dataset):
         self, images: np.ndarray, foregrounds: np.ndarray, synthesizer: AnomalySynthesizer, seed: int, channels: int
     ):
         _check_arrays(images, foregrounds)
+        if images.shape[1] < synthesizer.size:
+            raise ValueError(f"images of {images.shape[1]} px are smaller than the {synthesizer.size} px tiles")
         self.channels = channels
         self.images = images
         self.foregrounds = foregrounds
@@ -52,14 +73,17 @@ class TrainingPairs(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def _tile(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return random_tile(self.images[index], self.foregrounds[index], self.synthesizer.size, rng)
+
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, index = key
         rng = np.random.default_rng([self.seed, epoch, index])
         # A random base image, so the normal and anomalous halves of a batch are not matched pairs.
         source = (index + int(rng.integers(len(self)))) % len(self)
-        anomalous, mask = _synthesize(self.synthesizer, self.images[source], self.foregrounds[source], rng,
-                                      self.channels)
-        return {"normal": to_model_range(self.images[index], self.channels), "anomalous": anomalous, "mask": mask}
+        anomalous, mask = _synthesize(self.synthesizer, *self._tile(source, rng), rng, self.channels)
+        normal, _ = self._tile(index, rng)
+        return {"normal": to_model_range(normal, self.channels), "anomalous": anomalous, "mask": mask}
 
 
 class TrainingKeys(Sampler):

@@ -18,7 +18,7 @@ import torch
 
 from protocols.bundle import (
     MANIFEST_DIGEST_NAME, MANIFEST_NAME, BundleFile, HeadSpec, InputSpec, Manifest, MethodSpec, ModelIdentity,
-    OutputSpec, Provenance, RadarOutputSpec, RadarSpec, ThresholdSpec, sha256_file,
+    OutputSpec, Provenance, RadarOutputSpec, RadarSpec, ThresholdSpec, TilingSpec, sha256_file,
 )
 from protocols.signing import load_private_key
 from trainer import run_dir as files
@@ -30,7 +30,9 @@ from trainer.export.openvino import HeldOut, load_held_out, openvino_files
 from trainer.export.program import export_head
 from trainer.export.signing import sign_bundle
 from trainer.radar import BLUR_KSIZE, SOBEL_KSIZE
+from trainer.model import DiffusionAD
 from trainer.radar_fit import load_radar
+from trainer.tiling import tile_stride
 
 Target = Literal["portable", "cpu", "tensorrt", "all"]
 HeadChoice = Literal["norm-guided", "radar", "both"]
@@ -65,8 +67,8 @@ class _Head:
         return self.method.one_class.score(second) if isinstance(self.method, RadarSpec) else second
 
 
-def _run_heads(run: Path, choice: HeadChoice) -> tuple[int, list[_Head]]:
-    """The model's image size and the chosen heads the run has."""
+def _run_heads(run: Path, choice: HeadChoice) -> tuple[DiffusionAD, list[_Head]]:
+    """The model and the chosen heads the run has."""
     cfg, model, thresholds = load_run(run)
     if not (run / files.VALIDATION).is_file():
         raise ConfigError(f"{run}: not a finished training run (missing {files.VALIDATION})")
@@ -88,7 +90,7 @@ def _run_heads(run: Path, choice: HeadChoice) -> tuple[int, list[_Head]]:
                          one_class=one_class)
         heads.append(_Head("radar", graph, spec, RadarOutputSpec(), record["thresholds"], record["validation"],
                            None if test is None else test.get("radar")))
-    return model.image_size, heads
+    return model, heads
 
 
 def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int = 8,
@@ -102,13 +104,16 @@ def export_bundle(run: Path, out: Path, target: Target = "cpu", max_batch: int =
     if target in ("cpu", "all") and not can_compile_here():
         raise ConfigError(f"--target {target}: the CPU package is compiled for x86-64 stations, on an x86-64 machine; "
                           "export --target portable (or tensorrt) here")
-    size, heads = _run_heads(run, head)
+    model, heads = _run_heads(run, head)
+    size = model.frame_size
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         programs = {h.name: export_head(h.graph, size, max_batch) for h in heads}
-        spec = InputSpec(height=size, width=size, max_batch=max_batch)
+        tiling = None if model.tiles_per_side == 1 else TilingSpec(
+            tile=model.image_size, per_side=model.tiles_per_side, stride=tile_stride(model.image_size))
+        spec = InputSpec(height=size, width=size, max_batch=max_batch, tiling=tiling)
         held_out = _held_out(run) if target in ("cpu", "all") else None
         manifest = Manifest(
             model=ModelIdentity(name=run.resolve().name,
