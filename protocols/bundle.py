@@ -49,6 +49,14 @@ class InputSpec(_Strict):
     tiling: TilingSpec | None = Field(None, description="frames cut into overlapping tiles inside the graphs, "
                                       "their maps stitched (mean over overlaps); none: one tile, the frame")
 
+    @model_validator(mode="after")
+    def _tiles_cover_the_frame(self) -> "InputSpec":
+        t = self.tiling
+        if t is not None and (self.height, self.width) != ((covered := t.tile + (t.per_side - 1) * t.stride),) * 2:
+            raise ValueError(f"tiling covers {covered} px a side ({t.per_side} tiles of {t.tile} px at stride "
+                             f"{t.stride}), the input is {self.height} × {self.width}")
+        return self
+
 
 HeadName = Literal["norm-guided", "radar"]
 

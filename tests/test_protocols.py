@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from protocols.bundle import (
-    BUNDLE_VERSION, BundleFile, HeadSpec, Manifest, OutputSpec, RadarOutputSpec, RadarSpec,
+    BUNDLE_VERSION, BundleFile, HeadSpec, InputSpec, Manifest, OutputSpec, RadarOutputSpec, RadarSpec,
 )
 from protocols.messages import FrameHeader, Result, Status
 from protocols.one_class import fit_knn
@@ -126,3 +126,10 @@ def test_a_file_entry_states_parity_exactly_below_fp32_and_is_a_plain_file_name(
     BundleFile.model_validate({**valid, "precision": "int8", "parity": PARITY, "cpu_features": ["avx2"]})
     with pytest.raises(ValidationError, match=message):
         BundleFile.model_validate({**valid, **entry})
+
+
+def test_a_tiling_that_does_not_cover_the_input_is_refused_naming_both():
+    tiling = {"tile": 64, "per_side": 2, "stride": 48}
+    assert InputSpec(height=112, width=112, max_batch=4, tiling=tiling).tiling.per_side == 2
+    with pytest.raises(ValidationError, match=r"tiling covers 112 px a side .* the input is 128 × 128"):
+        InputSpec(height=128, width=128, max_batch=4, tiling=tiling)

@@ -29,8 +29,8 @@ from trainer.export.aoti import can_compile_here, compile_aoti_package
 from trainer.export.openvino import HeldOut, load_held_out, openvino_files
 from trainer.export.program import export_head
 from trainer.export.signing import sign_bundle
-from trainer.radar import BLUR_KSIZE, SOBEL_KSIZE
 from trainer.model import DiffusionAD
+from trainer.radar import BLUR_KSIZE, SOBEL_KSIZE
 from trainer.radar_fit import load_radar
 from trainer.tiling import tile_stride
 
