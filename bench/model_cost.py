@@ -34,7 +34,7 @@ def gflop_per_image(head: torch.nn.Module, image_size: int) -> float:
 def inference_heads(model: DiffusionAD) -> dict[str, torch.nn.Module]:
     """Both heads' graphs over one model, by head name. RADAR at t=50 on the residual: its cost does
     not depend on the constants a run chooses."""
-    constants = RadarConstants(t=50, discrepancy="residual", window=feature_window(model.frame_size), map_scale=1.0)
+    constants = RadarConstants(t=50, discrepancy="residual", window=feature_window(model.image_size), map_scale=1.0)
     return {"norm-guided": model.fused(MethodConfig()).eval(), "radar": model.radar(MethodConfig(), constants).eval()}
 
 

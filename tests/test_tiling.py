@@ -2,13 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data.synthesis import AnomalySynthesizer
+from protocols.one_class import fit_knn
 from trainer.config import TrainConfig
+from trainer.data.synthesis import AnomalySynthesizer
 from trainer.data.training_set import TrainingPairs, to_model_range
 from trainer.fused import FusedInference
 from trainer.method import MethodConfig
 from trainer.model import DiffusionAD
 from trainer.profiles import get_profile
+from trainer.radar import RadarConstants, feature_window
+from trainer.radar_fit import candidate_figures, fit_radar, radar_outputs, responses
 from trainer.tiling import Tiling, frame_size, tile_origins
 from trainer.training import prepare_data
 from trainer.validation import score_images
@@ -98,3 +101,23 @@ def test_a_tiled_model_is_chosen_on_one_tile_of_each_selection_image_scored_by_t
 def test_an_untiled_model_is_chosen_on_the_selection_images_themselves(datasets_dir):
     data = prepare_data(datasets_dir / "hazelnut", TrainConfig(profile="tiny"))
     assert data.selection is data.validation
+
+
+def test_a_tiled_models_radar_constants_are_chosen_on_its_selection_tiles_and_its_head_fitted_on_frames(datasets_dir):
+    data = prepare_data(datasets_dir / "hazelnut", TrainConfig(profile="tiny", tiles_per_side=2))
+    model, method, cpu = DiffusionAD(get_profile("tiny"), tiles_per_side=2).eval(), MethodConfig(), torch.device("cpu")
+    record = fit_radar(model, method, data.selection, data.validation, data.calibration, data.calibration_defects,
+                       0.01, cpu)
+    window = feature_window(64)  # the tile's: tiling keeps the networks' resolution
+    first = record["candidates"][:2]  # the smallest noise scale, both discrepancies
+    one_tile = model.radar(method, RadarConstants(t=first[0]["t"], discrepancy="residual", window=window,
+                                                  map_scale=1.0), on_tiles=True)
+    normal, anomalous = responses(one_tile, data.selection.normal, cpu), responses(one_tile, data.selection.anomalous, cpu)
+    for candidate in first:
+        expected = candidate_figures(normal[candidate["discrepancy"]], anomalous[candidate["discrepancy"]],
+                              data.selection.masks[:, 0].numpy() > 0.5, window)
+        assert {k: candidate[k] for k in expected} == pytest.approx(expected)
+    assert record["candidates_on_tiles"] and record["constants"]["window"] == window
+    _, features = radar_outputs(model.radar(method, RadarConstants(**record["constants"])), data.validation.normal, cpu)
+    assert len(features) == len(data.validation.normal)
+    np.testing.assert_allclose(record["one_class"]["reference"], fit_knn(features)[0].reference, atol=1e-5)

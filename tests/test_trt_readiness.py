@@ -40,7 +40,7 @@ def fused_program(request) -> torch.export.ExportedProgram:
 def radar_program(request) -> torch.export.ExportedProgram:
     model = DiffusionAD(PROFILE, tiles_per_side=request.param)
     head = model.radar(MethodConfig(), RadarConstants(
-        t=50, discrepancy="residual", window=feature_window(model.frame_size), map_scale=1.0))
+        t=50, discrepancy="residual", window=feature_window(model.image_size), map_scale=1.0))
     return export_head(head, model.frame_size, 8)
 
 

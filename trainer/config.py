@@ -47,6 +47,11 @@ class TrainConfig(BaseModel):
         "auto", description="model channels; auto: gray (one channel) if under 1 % of the training pixels "
                             "have colour, else rgb (the decision is logged and kept in config.json; default measured: "
                             "README, Colour mode)")
+    augment: Literal["auto", "none", "shift", "rotate"] = Field(
+        "none", description="training images turned and moved as the part varies on the line (never mirrored): "
+                            "rotate (any angle, a sixteenth of the side), shift (that shift only); auto: from the "
+                            "training images' own variation (the decision is logged and kept in config.json). "
+                            "Default none until measured")
     foreground_masks: Path | None = Field(None, description="folder of user foreground masks (by image stem)")
     textures: Path | None = Field(None, description="folder of texture images used as anomaly source")
     texture_probability: float = Field(0.5, ge=0, le=1, description="chance of a texture source (objects)")

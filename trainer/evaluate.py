@@ -65,7 +65,7 @@ def radar_record(run: Path, cfg: TrainConfig, model: DiffusionAD) -> dict:
         return files.read_json(path)
     data = held_out_data(run, cfg)
     print(f"{run}: fitting the RADAR head on the run's held-out images (trained before the head existed)")
-    record = fit_radar(model, cfg.method, data.validation, data.calibration, data.calibration_defects,
+    record = fit_radar(model, cfg.method, data.selection, data.validation, data.calibration, data.calibration_defects,
                        cfg.false_reject_rate, torch.device("cpu"))
     files.write_json(path, record)
     return record

@@ -31,6 +31,8 @@ class DiffusionAD(nn.Module):
         per_side = 1 if on_tiles else self.tiles_per_side
         return FusedInference(self.denoiser, self.segmenter, method, self.image_size, per_side)
 
-    def radar(self, method: MethodConfig, constants: RadarConstants) -> RadarInference:
-        """The RADAR graph over this denoiser."""
-        return RadarInference(self.denoiser, method, self.image_size, constants, self.tiles_per_side)
+    def radar(self, method: MethodConfig, constants: RadarConstants, on_tiles: bool = False) -> RadarInference:
+        """The RADAR graph over this denoiser: on whole frames, or `on_tiles` on single tiles
+        (choosing a tiled model's constants)."""
+        per_side = 1 if on_tiles else self.tiles_per_side
+        return RadarInference(self.denoiser, method, self.image_size, constants, per_side)

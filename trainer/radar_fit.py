@@ -1,7 +1,8 @@
 """Fitting the RADAR head to a trained denoiser, from the run's held-out good images only.
 
 The selection split (its good images and their synthetic defects) chooses t_radar and the
-discrepancy, and the one-class model is fitted on its good images' features; the calibration
+discrepancy (on one tile of each image for a tiled model), and the one-class model is fitted on its
+good images' features (whole frames); the calibration
 split sets the thresholds, as for the norm-guided head. Nothing here sees a test image.
 """
 
@@ -27,7 +28,7 @@ def responses(head: RadarInference, images: torch.Tensor, device: torch.device) 
     return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
 
 
-def _candidate(normal: torch.Tensor, anomalous: torch.Tensor, masks: np.ndarray, window: int) -> dict:
+def candidate_figures(normal: torch.Tensor, anomalous: torch.Tensor, masks: np.ndarray, window: int) -> dict:
     """Image AUROC of the one-class scores (good images scored leave-one-out) and pixel AP of the
     responses, normal vs synthetic; selection = their mean, as for the norm-guided head."""
     knn, own = fit_knn(image_features(normal, window).numpy())
@@ -39,29 +40,56 @@ def _candidate(normal: torch.Tensor, anomalous: torch.Tensor, masks: np.ndarray,
     return {"image_auroc": float(i_auroc), "pixel_ap": float(p_ap), "selection": float((i_auroc + p_ap) / 2)}
 
 
-def choose_constants(model: DiffusionAD, method: MethodConfig, val: ValidationSet,
-                     device: torch.device) -> tuple[RadarConstants, list[dict]]:
-    """t_radar and the discrepancy with the best selection figure; every candidate's figures."""
-    window = feature_window(model.frame_size)
-    masks = val.masks[:, 0].numpy() > 0.5
+def choose_constants(model: DiffusionAD, method: MethodConfig, selection: ValidationSet,
+                     device: torch.device) -> tuple[dict, list[dict]]:
+    """The (t_radar, discrepancy) candidate with the best selection figure, and every candidate's
+    figures. A tiled model's are measured on its selection tiles with the one-tile graph: the
+    responses are per pixel, and six candidates over whole frames would cost n² passes each."""
+    window = feature_window(model.image_size)
+    masks = selection.masks[:, 0].numpy() > 0.5
+    on_tiles = selection.normal.shape[-1] != model.frame_size
     scales = [t for t in T_CANDIDATES if t < method.tau]
     if not scales:
         raise ValueError(f"tau = {method.tau} leaves no RADAR noise scale: the candidates {T_CANDIDATES} must lie "
                          "in the small-noise range [0, tau) the denoiser was trained on")
     candidates = []
     for t in scales:
-        head = model.radar(method, RadarConstants(t=t, discrepancy="residual", window=window, map_scale=1.0)).to(device)
-        normal, anomalous = responses(head, val.normal, device), responses(head, val.anomalous, device)
+        constants = RadarConstants(t=t, discrepancy="residual", window=window, map_scale=1.0)
+        head = model.radar(method, constants, on_tiles).to(device)
+        normal, anomalous = responses(head, selection.normal, device), responses(head, selection.anomalous, device)
         for name in DISCREPANCIES:
             candidates.append({"t": t, "discrepancy": name,
-                               **_candidate(normal[name], anomalous[name], masks, window)})
-    best = max(candidates, key=lambda c: c["selection"])
-    # Scale: a good image's typical highest response maps to 0.5.
-    head = model.radar(method, RadarConstants(t=best["t"], discrepancy=best["discrepancy"], window=window,
-                                              map_scale=1.0)).to(device)
-    highest = responses(head, val.normal, device)[best["discrepancy"]].flatten(1).amax(dim=1)
-    scale = max(float(highest.median()), 1e-6)
-    return RadarConstants(t=best["t"], discrepancy=best["discrepancy"], window=window, map_scale=scale), candidates
+                               **candidate_figures(normal[name], anomalous[name], masks, window)})
+    return max(candidates, key=lambda c: c["selection"]), candidates
+
+
+def fit_radar(model: DiffusionAD, method: MethodConfig, selection: ValidationSet, validation: ValidationSet,
+              calibration: np.ndarray, defects: SyntheticDefects, false_reject_rate: float,
+              device: torch.device) -> dict:
+    """The run's RADAR head: constants, one-class model and thresholds, with how they were chosen.
+    The constants are chosen on `selection` (a tiled model's tiles); the map scale, the one-class
+    model and the head's figures come from `validation`'s whole frames. `calibration` is uint8 NHWC
+    good images the model was neither trained nor selected on, `defects` synthetic ones made on
+    them (the thresholds' detection ceiling)."""
+    was_training = model.training
+    model.eval()
+    chosen, candidates = choose_constants(model, method, selection, device)
+    # The window is in pixels at the networks' resolution, which tiling keeps.
+    unscaled = RadarConstants(t=chosen["t"], discrepancy=chosen["discrepancy"], window=feature_window(model.image_size),
+                              map_scale=1.0)
+    head = model.radar(method, unscaled).to(device)
+    normal = responses(head, validation.normal, device)[unscaled.discrepancy]
+    anomalous = responses(head, validation.anomalous, device)[unscaled.discrepancy]
+    on_frames = candidate_figures(normal, anomalous, validation.masks[:, 0].numpy() > 0.5, unscaled.window)
+    # Scale: a good frame's typical highest response maps to 0.5.
+    constants = unscaled.model_copy(update={"map_scale": max(float(normal.flatten(1).amax(dim=1).median()), 1e-6)})
+    knn, _ = fit_knn(image_features(normal, constants.window).numpy())
+    thresholds = radar_thresholds(model.radar(method, constants).to(device), knn, calibration, defects, validation,
+                                  false_reject_rate, device)
+    model.train(was_training)
+    return {"constants": constants.model_dump(), "one_class": knn.model_dump(), "thresholds": thresholds,
+            "validation": {"t": constants.t, "discrepancy": constants.discrepancy, **on_frames},
+            "candidates_on_tiles": selection is not validation, "candidates": candidates}
 
 
 @torch.no_grad()
@@ -69,24 +97,6 @@ def radar_outputs(head: RadarInference, images: torch.Tensor, device: torch.devi
     """Model inputs → (anomaly maps [N, H, W], features [N, 2])."""
     outputs = [head.score(chunk.to(device)) for chunk in images.split(BATCH)]
     return (torch.cat([m.cpu() for m, _ in outputs]).numpy(), torch.cat([f.cpu() for _, f in outputs]).numpy())
-
-
-def fit_radar(model: DiffusionAD, method: MethodConfig, val: ValidationSet, calibration: np.ndarray,
-              defects: SyntheticDefects, false_reject_rate: float, device: torch.device) -> dict:
-    """The run's RADAR head: constants, one-class model and thresholds, with how they were chosen.
-    `calibration` is uint8 NHWC good images the model was neither trained nor selected on, `defects`
-    synthetic ones made on them (the thresholds' detection ceiling)."""
-    was_training = model.training
-    model.eval()
-    constants, candidates = choose_constants(model, method, val, device)
-    head = model.radar(method, constants).to(device)
-    _, normal_features = radar_outputs(head, val.normal, device)
-    knn, _ = fit_knn(normal_features)
-    thresholds = radar_thresholds(head, knn, calibration, defects, val, false_reject_rate, device)
-    model.train(was_training)
-    chosen = next(c for c in candidates if (c["t"], c["discrepancy"]) == (constants.t, constants.discrepancy))
-    return {"constants": constants.model_dump(), "one_class": knn.model_dump(), "thresholds": thresholds,
-            "validation": chosen, "candidates": candidates}
 
 
 def radar_thresholds(head: RadarInference, knn: KnnNormalModel, calibration: np.ndarray, defects: SyntheticDefects,

@@ -21,6 +21,7 @@ from trainer import run_dir as files
 from trainer.config import ConfigError, TrainConfig
 from trainer.data.color import CHANNELS, GRAY_MAX_COLORED_SHARE, choose_color
 from trainer.data.foreground import AUTO_OBJECT_SHARE, choose_foreground, foreground_mask, load_user_masks
+from trainer.data.pose import MIN_ROTATION_DEGREES, MIN_SHIFT, choose_pose
 from trainer.data.mvtec import DataError, HoldoutSplit, read_rgb, scan_mvtec, split_holdout
 from trainer.data.synthesis import AnomalySynthesizer, list_textures
 from trainer.data.training_set import SyntheticDefects, TrainingKeys, TrainingPairs, ValidationSet, fixed_tiles
@@ -82,6 +83,7 @@ class PreparedData:
     split: HoldoutSplit
     foreground: dict  # the mode synthesis used and who chose it (config.json)
     color: dict  # rgb | gray, and who chose it (config.json)
+    pose: dict  # the training images' augmentation and who chose it (config.json)
     fingerprint: str
 
     @property
@@ -132,13 +134,14 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
                          for p, im in zip(paths, images)])
 
     train_fg, val_fg = foregrounds(train_paths, train_images), foregrounds(val_paths, val_images)
+    augmentation, pose = choose_pose(cfg.augment, train_images, train_fg, is_object=mode == "object")
     calibration = np.stack([read_rgb(p, size) for p in split.calibration])
     validation = ValidationSet(val_images, val_fg, synthesizer, cfg.seed + 1, CHANNELS[color_mode])
     # Whole frames cost tiles_per_side² tile passes: a tiled model is chosen on one tile of each.
     selection = validation if size == tile else ValidationSet(
         *fixed_tiles(val_images, val_fg, tile, cfg.seed + 3), tile_synthesizer, cfg.seed + 1, CHANNELS[color_mode])
     return PreparedData(
-        train=TrainingPairs(train_images, train_fg, tile_synthesizer, cfg.seed, CHANNELS[color_mode]),
+        train=TrainingPairs(train_images, train_fg, tile_synthesizer, cfg.seed, CHANNELS[color_mode], augmentation),
         selection=selection,
         validation=validation,
         calibration=calibration,
@@ -149,6 +152,7 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
         split=split,
         foreground=foreground,
         color=color,
+        pose=pose,
     )
 
 
@@ -161,6 +165,11 @@ def start_decisions(data: PreparedData, session: "TrainingSession") -> list[str]
     if data.foreground["chosen_by"] == "auto":
         lines.append(f"foreground: {data.foreground['mode']} ({data.foreground['images_showing_an_object']:.0%} of "
                      f"the training images show an object on a background; object from {AUTO_OBJECT_SHARE:.0%})")
+    if data.pose["chosen_by"] == "auto":
+        lines.append(f"augment: {data.pose['mode']} (±{data.pose['degrees']:.0f}°, ±{data.pose['shift']:.1%} of the "
+                     f"side; 90 % of the training images lie within {data.pose['rotation_90th_degrees']:.0f}° and "
+                     f"{data.pose['shift_90th']:.1%} of their typical pose; augmented from {MIN_ROTATION_DEGREES:.0f}° "
+                     f"and {MIN_SHIFT:.0%})")
     start = session.denoiser_start
     lines.append(f"denoiser: from {start['weights']}" if start["weights"] else f"denoiser: from scratch ({start['why']})")
     return lines
@@ -239,7 +248,7 @@ class TrainingSession:
                      # By name: which good images chose the model and which set its thresholds.
                      "selection_images": [p.name for p in self.data.split.selection],
                      "calibration_images": [p.name for p in self.data.split.calibration],
-                     "foreground": self.data.foreground, "color": self.data.color},
+                     "foreground": self.data.foreground, "color": self.data.color, "pose": self.data.pose},
             "world_size": self.ddp.world_size,
             "precision": {"computed_in": self.precision, "why": self.precision_reason},
             "denoiser_start": self.denoiser_start,
@@ -370,7 +379,7 @@ class TrainingSession:
                                    self.data.validation, self.ddp.device)
         files.write_json(self.run / files.THRESHOLDS, thresholds)
         files.write_json(self.run / files.VALIDATION, self.best)
-        radar = fit_radar(self.model, self.cfg.method, self.data.validation, self.data.calibration,
+        radar = fit_radar(self.model, self.cfg.method, self.data.selection, self.data.validation, self.data.calibration,
                           self.data.calibration_defects, self.cfg.false_reject_rate, self.ddp.device)
         files.write_json(self.run / files.RADAR, radar)
         return {**self.best, "thresholds": thresholds, "radar": radar}

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from trainer.data.pose import PoseAugmentation
 from trainer.data.synthesis import AnomalySynthesizer
 from trainer.fused import model_input
 
@@ -51,15 +52,17 @@ def fixed_tiles(images: np.ndarray, foregrounds: np.ndarray, size: int, seed: in
 
 
 class TrainingPairs(Dataset):
-    """Item (epoch, i): normal image i and a synthetic anomaly made from a randomly chosen image; for
-    images larger than the synthesizer's size (tiled models), a random tile of each.
+    """Item (epoch, i): normal image i and a synthetic anomaly made from a randomly chosen image, each
+    in a random pose of `pose`; for images larger than the synthesizer's size (tiled models), a
+    random tile of each.
 
     All its randomness comes from the seed sequence (seed, epoch, i), so an epoch's items are the same
     whatever the number of workers or the order in which they are fetched.
     """
 
     def __init__(
-        self, images: np.ndarray, foregrounds: np.ndarray, synthesizer: AnomalySynthesizer, seed: int, channels: int
+        self, images: np.ndarray, foregrounds: np.ndarray, synthesizer: AnomalySynthesizer, seed: int, channels: int,
+        pose: PoseAugmentation = PoseAugmentation(),
     ):
         _check_arrays(images, foregrounds)
         if images.shape[1] < synthesizer.size:
@@ -69,12 +72,14 @@ class TrainingPairs(Dataset):
         self.foregrounds = foregrounds
         self.synthesizer = synthesizer
         self.seed = seed
+        self.pose = pose
 
     def __len__(self) -> int:
         return len(self.images)
 
     def _tile(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        return random_tile(self.images[index], self.foregrounds[index], self.synthesizer.size, rng)
+        posed = self.pose(self.images[index], self.foregrounds[index], rng)
+        return random_tile(*posed, self.synthesizer.size, rng)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, index = key
