@@ -2,7 +2,11 @@
 set (bottle: 4 × 4 images of 512 px → 2048-px frames), never upscaled, written in the MVTec layout
 the trainer reads, so `trainer fit` and `trainer eval` (and bench/accuracy.py) take them as a set.
 
-- train/good: mosaics of distinct training images (good parts only, as the trainer needs);
+- train/good: mosaics of distinct training images (good parts only, as the trainer needs). The
+  mosaics the trainer's default split holds out (model selection, thresholds) are made from their
+  own disjoint share of the source's training images: a threshold set on parts the model trained on
+  would sit too low for new parts (on mosaics made before this rule, a 30-minute run's norm-guided
+  head rejected all 20 test good mosaics);
 - test/good: mosaics of the test split's good images;
 - test/<defect>: one defective test image at a random cell among test good images, its mask placed
   there (ground_truth/<defect>/<name>_mask.png): one small defect in a large field of view.
@@ -20,7 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trainer.data.mvtec import GOOD, scan_mvtec
+from trainer.config import TrainConfig
+from trainer.data.mvtec import GOOD, scan_mvtec, split_holdout
 
 
 def read(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
@@ -49,12 +54,22 @@ def build(source: Path, out: Path, grid: int, train_count: int, seed: int) -> di
     folder = scan_mvtec(source, require_test=True)
     cells = grid * grid
     test_good = [s.image for s in folder.test if s.defect == GOOD]
-    if min(len(folder.train), len(test_good)) < cells:
-        sys.exit(f"mosaics: {source} has too few good images for {grid} × {grid} mosaics")
+    if len(test_good) < cells:
+        sys.exit(f"mosaics: {source} has too few good test images for {grid} × {grid} mosaics")
     rng = np.random.default_rng(seed)
-    for i in range(train_count):
-        chosen = rng.choice(len(folder.train), cells, replace=False)
-        write(out / "train" / GOOD / f"{i:03d}.png", mosaic([read(folder.train[j]) for j in chosen], grid))
+    # The trainer splits by a seeded permutation that depends only on the count: this is its split.
+    default = TrainConfig()
+    roles = split_holdout([Path(f"{i:03d}.png") for i in range(train_count)], default.val_fraction,
+                          default.calibration_fraction, default.seed)
+    sources = split_holdout(folder.train, default.val_fraction, default.calibration_fraction, default.seed)
+    for role in ("train", "selection", "calibration"):
+        pool = getattr(sources, role)
+        if len(pool) < cells:
+            sys.exit(f"mosaics: {source} has {len(pool)} training images for {role} mosaics, {grid} × {grid} need "
+                     f"{cells}")
+        for name in getattr(roles, role):
+            chosen = rng.choice(len(pool), cells, replace=False)
+            write(out / "train" / GOOD / name.name, mosaic([read(pool[j]) for j in chosen], grid))
     for i in range(len(test_good)):
         chosen = rng.choice(len(test_good), cells, replace=False)
         write(out / "test" / GOOD / f"{i:03d}.png", mosaic([read(test_good[j]) for j in chosen], grid))
