@@ -64,7 +64,8 @@ def test_auto_leaves_parts_placed_alike_as_they_are_and_turns_parts_that_vary(ha
     augmentation, record = decided([turned(hazelnut, a) for a in angles], True)
     assert record["mode"] == "rotate" and record["chosen_by"] == "auto"
     assert abs(augmentation.degrees - np.abs(angles - angles.mean()).max()) <= 10
-    assert decided([turned(crop, a) for crop, a in zip(tile_crops, (-60, -20, 10, 40, 70))], False)[1]["mode"] == "rotate"
+    turned_crops = [turned(crop, a) for crop, a in zip(tile_crops, (-60, -20, 10, 40, 70))]
+    assert decided(turned_crops, False)[1]["mode"] == "rotate"
     moved = [turned(hazelnut, 0, tuple(s)) for s in rng.uniform(-12, 12, (12, 2))]  # up to ~9 % of the side
     augmentation, record = decided(moved, True)
     assert record["mode"] == "shift" and augmentation.degrees == 0 and 0.05 <= augmentation.shift <= 0.1

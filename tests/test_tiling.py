@@ -112,10 +112,11 @@ def test_a_tiled_models_radar_constants_are_chosen_on_its_selection_tiles_and_it
     first = record["candidates"][:2]  # the smallest noise scale, both discrepancies
     one_tile = model.radar(method, RadarConstants(t=first[0]["t"], discrepancy="residual", window=window,
                                                   map_scale=1.0), on_tiles=True)
-    normal, anomalous = responses(one_tile, data.selection.normal, cpu), responses(one_tile, data.selection.anomalous, cpu)
+    normal = responses(one_tile, data.selection.normal, cpu)
+    anomalous = responses(one_tile, data.selection.anomalous, cpu)
     for candidate in first:
         expected = candidate_figures(normal[candidate["discrepancy"]], anomalous[candidate["discrepancy"]],
-                              data.selection.masks[:, 0].numpy() > 0.5, window)
+                                     data.selection.masks[:, 0].numpy() > 0.5, window)
         assert {k: candidate[k] for k in expected} == pytest.approx(expected)
     assert record["candidates_on_tiles"] and record["constants"]["window"] == window
     _, features = radar_outputs(model.radar(method, RadarConstants(**record["constants"])), data.validation.normal, cpu)

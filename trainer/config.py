@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trainer.data.pose import Augment
 from trainer.method import MethodConfig
 from trainer.profiles import PROFILES
 
@@ -47,7 +48,7 @@ class TrainConfig(BaseModel):
         "auto", description="model channels; auto: gray (one channel) if under 1 % of the training pixels "
                             "have colour, else rgb (the decision is logged and kept in config.json; default measured: "
                             "README, Colour mode)")
-    augment: Literal["auto", "none", "shift", "rotate"] = Field(
+    augment: Augment = Field(
         "none", description="training images turned and moved as the part varies on the line (never mirrored): "
                             "rotate (any angle, a sixteenth of the side), shift (that shift only); auto: from the "
                             "training images' own variation (the decision is logged and kept in config.json). "
