@@ -2,10 +2,11 @@
 set for M minutes of wall time, evaluates both heads on the set's test split, and writes the table
 to docs/accuracy.md. Not part of `make bench` (an hour a set at the README's budget).
 
-    .venv/bin/python bench/accuracy.py --minutes 60 [--sets bottle magnetic_tile hazelnut] [--tiles-per-side N]
+    .venv/bin/python bench/accuracy.py --minutes 60 [--sets bottle magnetic_tile hazelnut] [--setting KEY=VALUE ...]
 
-`--tiles-per-side N` sets that one setting (frames of N × N overlapping tiles) against resizing.
-Results are kept per (set, minutes, tiling) in docs/accuracy.json with their machine, date and command, and
+`--setting KEY=VALUE` measures a training setting against its default (e.g. `tiles_per_side=3`,
+`augment=auto`); VALUE is a TOML value, or else a string. Results are kept per (set, minutes,
+settings) in docs/accuracy.json with their machine, date and command, and
 the Markdown is rebuilt from all of them: sets may be measured in separate sittings, one after the
 other, never two at once (they would share the cores). The runs are kept: after a change to the
 calibration (`trainer calibrate RUN` sets a run's thresholds again from its own held-out images) or
@@ -17,6 +18,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,20 +61,31 @@ def head_figures(metrics: dict) -> dict:
     return {**{k: metrics[k] for k in METRICS}, **verdicts(metrics), "per_defect": per_defect}
 
 
-def run_name(name: str, minutes: float, tiles: int) -> str:
-    return f"{name}-{minutes:g}min" + (f"-{tiles}x{tiles}tiles" if tiles > 1 else "")
+def setting(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` of the command line: VALUE as TOML reads it (numbers, booleans), else as a string."""
+    name, sep, value = text.partition("=")
+    if not (sep and name and value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    try:
+        return name, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return name, value
 
 
-def measure(name: str, data: Path, minutes: float, tiles: int, runs: Path) -> dict:
-    run = runs / run_name(name, minutes, tiles)
+def run_name(name: str, minutes: float, settings: dict) -> str:
+    return f"{name}-{minutes:g}min" + "".join(f"-{k}-{v}" for k, v in sorted(settings.items()))
+
+
+def measure(name: str, data: Path, minutes: float, settings: dict, runs: Path) -> dict:
+    run = runs / run_name(name, minutes, settings)
     if run.exists():
         sys.exit(f"accuracy: {run} exists; remove it or pass another --runs")
     config = []
-    if tiles > 1:
+    if settings:
         config = ["--config", str(runs / f"{run.name}.toml")]
-        Path(config[1]).write_text(f"tiles_per_side = {tiles}\n")
+        Path(config[1]).write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in sorted(settings.items())))
     trainer("fit", str(data), "--out", str(run), "--time-limit", f"{minutes:g}m", *config)
-    return {"set": name, "minutes": minutes, "tiles_per_side": tiles, "steps": steps_reached(run),
+    return {"set": name, "minutes": minutes, "settings": settings, "steps": steps_reached(run),
             "measured": f"{datetime.now(timezone.utc):%Y-%m-%d}", "machine": describe(), **evaluated(run, data)}
 
 
@@ -82,10 +95,10 @@ def evaluated(run: Path, data: Path) -> dict:
     metrics, config = read_json(run / "eval" / "metrics.json"), read_json(run / "config.json")
     selection = {"norm-guided": read_json(run / "validation.json")["selection"],
                  "radar": read_json(run / "radar.json")["validation"]["selection"]}
-    frame = config["train"].get("tiles_per_side", 1)
     return {
-        "decisions": {"tiles": f"{frame}×{frame}", "foreground": config["data"]["foreground"]["mode"],
+        "decisions": {"foreground": config["data"]["foreground"]["mode"],
                       "color": config["data"].get("color", {}).get("mode", "rgb"),
+                      "pose": pose(config["data"].get("pose", {"mode": "none"})),
                       "precision": config.get("precision", {}).get("computed_in", "fp32")},
         "recommended_head": max(selection, key=selection.get),
         "heads": {head: head_figures(pick(metrics)) for head, pick in HEADS},
@@ -93,18 +106,24 @@ def evaluated(run: Path, data: Path) -> dict:
     }
 
 
+def pose(decision: dict) -> str:
+    if decision["mode"] == "none" or decision["chosen_by"] == "config":
+        return decision["mode"]
+    return f"{decision['mode']} ±{decision['degrees']:g}° ±{decision['shift']:.1%}"
+
+
 def markdown(results: list[dict], command: str) -> str:
     lines = ["# Accuracy per CPU budget", "",
-             "`small` profile, the product's defaults (no config file; \"tiles\" other than 1×1: that one setting, "
-             "`tiles_per_side`), trained for the stated wall-clock "
+             "`small` profile, the product's defaults except the settings named (a config file of those alone), "
+             "trained for the stated wall-clock "
              "minutes on the machine named below each set, then both heads evaluated on the set's test split "
              "(never seen in training). Verdicts are at the threshold the run shipped: 1 % false rejects on "
              "good parts targeted, the rate it states beside them (\"capped\": too few calibration images to "
              "observe 1 %, and the extrapolated threshold would have passed more than 10 % of synthetic defects; "
              "see docs/method.md). Written by `bench/accuracy.py`:", "", f"```sh\n.venv/bin/python {command}\n```", "",
-             "| set | minutes | steps | decisions | head | image AUROC | pixel AUROC | AUPRO (0.3) | pixel AP "
+             "| set | minutes | settings | steps | decisions | head | image AUROC | pixel AUROC | AUPRO (0.3) | pixel AP "
              "| image F1max | stated false-reject rate | false rejects (test good) | escapes (test defective) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         decided = ", ".join(f"{k} {v}" for k, v in r["decisions"].items())
         for head, figures in r["heads"].items():
@@ -113,7 +132,7 @@ def markdown(results: list[dict], command: str) -> str:
             stated = "—" if figures.get("stated_false_reject_rate") is None else (  # not in older records
                 f"{100 * figures['stated_false_reject_rate']:.1f} %"
                 + (" (capped)" if figures["limited_by"] == "synthetic_defects" else ""))
-            lines.append(f"| {r['set']} | {r['minutes']:g} | {r['steps']} | {decided} | {label} | {cells} | {stated} | "
+            lines.append(f"| {r['set']} | {r['minutes']:g} | {described(r) or 'defaults'} | {r['steps']} | {decided} | {label} | {cells} | {stated} | "
                          f"{figures['false_rejects']}/{figures['good']} | {figures['escapes']}/{figures['defective']} |")
     lines += ["", "Per defect type (each against all of the test's good images):", "",
               "| set | head | defect | image AUROC | pixel AUROC | AUPRO (0.3) | pixel AP |", "|---|---|---|---|---|---|---|"]
@@ -121,29 +140,32 @@ def markdown(results: list[dict], command: str) -> str:
         for head, figures in r["heads"].items():
             for defect, scores in figures["per_defect"].items():
                 cells = " | ".join(f"{100 * scores[k]:.1f}" for k in DEFECT_METRICS)
-                lines.append(f"| {r['set']}{tiling(r)} | {head} | {defect} | {cells} |")
+                lines.append(f"| {r['set']}{suffix(r)} | {head} | {defect} | {cells} |")
     lines += ["", "Measured on:", ""]
-    lines += [f"- {r['set']}, {r['minutes']:g} min{tiling(r)} (trained {r['measured']}, evaluated "
+    lines += [f"- {r['set']}, {r['minutes']:g} min{suffix(r)} (trained {r['measured']}, evaluated "
               f"{r.get('evaluated', r['measured'])}): {r['machine']}" for r in results]
     lines += ["", "Test images of each run as `trainer eval` drew them (input, norm-guided reconstruction, both "
               "heads' maps, ground truth; `good/...` rows show whether the reconstruction of a good part is "
               "free of noise):", ""]
-    lines += [f"- [{r['set']}, {r['minutes']:g} min{tiling(r)}]({samples_picture(key(r))})" for r in results]
+    lines += [f"- [{r['set']}, {r['minutes']:g} min{suffix(r)}]({samples_picture(*key(r))})" for r in results]
     return "\n".join(lines) + "\n"
 
 
-def tiling(result: dict) -> str:
-    tiles = result.get("tiles_per_side", 1)  # records from before tiling: 1
-    return f", {tiles}×{tiles} tiles" if tiles > 1 else ""
+def described(result: dict) -> str:
+    return ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in sorted(result["settings"].items()))
 
 
-def key(result: dict) -> tuple[str, float, int]:
-    return result["set"], result["minutes"], result.get("tiles_per_side", 1)
+def suffix(result: dict) -> str:
+    return f", {described(result)}" if result["settings"] else ""
 
 
-def samples_picture(run: tuple[str, float, int]) -> str:
+def key(result: dict) -> tuple[str, float, dict]:
+    return result["set"], result["minutes"], result["settings"]
+
+
+def samples_picture(name: str, minutes: float, settings: dict) -> str:
     """Where a run's samples.png is kept, relative to docs/."""
-    return f"accuracy/{run_name(*run)}-samples.png"
+    return f"accuracy/{run_name(name, minutes, settings)}-samples.png"
 
 
 def main() -> None:
@@ -151,7 +173,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, required=True, help="training wall time per set")
     parser.add_argument("--sets", nargs="+", default=list(SETS),
                         help="folders of --datasets (e.g. mosaics written by bench/mosaics.py)")
-    parser.add_argument("--tiles-per-side", type=int, default=1, help="frames of N × N tiles (1: resized whole)")
+    parser.add_argument("--setting", type=setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="a training setting other than its default (repeatable)")
     parser.add_argument("--datasets", type=Path, default=REPO.parent / "shared" / "datasets")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "accuracy", help="where the runs are kept")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "accuracy.md")
@@ -165,22 +188,22 @@ def main() -> None:
     if missing:
         sys.exit(f"accuracy: no {', '.join(missing)} in {args.datasets}")
     for name in args.sets:
-        run = (name, args.minutes, args.tiles_per_side)
+        run = (name, args.minutes, dict(args.setting))
         if args.evaluate_kept:
             kept = next((r for r in results if key(r) == run), None)
             if kept is None:
                 sys.exit(f"accuracy: no {run_name(*run)} run in {store} to evaluate again")
             result = {**kept, **evaluated(args.runs / run_name(*run), args.datasets / name)}
         else:
-            result = measure(name, args.datasets / name, args.minutes, args.tiles_per_side, args.runs)
-        picture = args.out.parent / samples_picture(run)
+            result = measure(name, args.datasets / name, args.minutes, dict(args.setting), args.runs)
+        picture = args.out.parent / samples_picture(*run)
         picture.parent.mkdir(exist_ok=True)
         shutil.copyfile(args.runs / run_name(*run) / "eval" / "samples.png", picture)
         results = [r for r in results if key(r) != run] + [result]
         results.sort(key=lambda r: (SETS.index(r["set"]) if r["set"] in SETS else len(SETS), r["set"], r["minutes"],
-                                    r.get("tiles_per_side", 1)))
+                                    sorted(r["settings"].items())))
         store.write_text(json.dumps(results, indent=2) + "\n")  # after every set: a later failure keeps it
-        args.out.write_text(markdown(results, "bench/accuracy.py --minutes M --sets SET [SET ...] [--tiles-per-side N] "
+        args.out.write_text(markdown(results, "bench/accuracy.py --minutes M --sets SET [SET ...] [--setting KEY=VALUE ...] "
                                               "[--evaluate-kept]"))
         print(f"{name}: written to {args.out}", flush=True)
 
