@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from machine import describe
+from trainer.data.pose import pose_summary
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = ("bottle", "magnetic_tile", "hazelnut")
@@ -98,18 +99,12 @@ def evaluated(run: Path, data: Path) -> dict:
     return {
         "decisions": {"foreground": config["data"]["foreground"]["mode"],
                       "color": config["data"].get("color", {}).get("mode", "rgb"),
-                      "pose": pose(config["data"].get("pose", {"mode": "none"})),
+                      "pose": pose_summary(config["data"].get("pose")),
                       "precision": config.get("precision", {}).get("computed_in", "fp32")},
         "recommended_head": max(selection, key=selection.get),
         "heads": {head: head_figures(pick(metrics)) for head, pick in HEADS},
         "evaluated": f"{datetime.now(timezone.utc):%Y-%m-%d}",
     }
-
-
-def pose(decision: dict) -> str:
-    if decision["mode"] == "none" or decision["chosen_by"] == "config":
-        return decision["mode"]
-    return f"{decision['mode']} ±{decision['degrees']:g}° ±{decision['shift']:.1%}"
 
 
 def markdown(results: list[dict], command: str) -> str:

@@ -5,8 +5,8 @@ import pytest
 from trainer.config import TrainConfig
 from trainer.data.foreground import foreground_mask
 from trainer.data.mvtec import read_rgb
-from trainer.data.pose import (MIN_ROTATION_DEGREES, PoseAugmentation, choose_pose, rotation_spread, rotations_to,
-                               wrap_degrees)
+from trainer.data.pose import (MIN_ROTATION_DEGREES, PoseAugmentation, choose_pose, pose_summary, rotation_spread,
+                               rotations_to, wrap_degrees)
 from trainer.data.pose import _centred, _gray, _log_spectrum
 from trainer.training import prepare_data
 
@@ -94,8 +94,17 @@ def test_the_training_items_are_posed_and_the_decision_is_kept(datasets_dir):
     assert data.train.pose.degrees == pytest.approx(data.pose["degrees"], abs=0.05)
     assert data.train.pose.shift == pytest.approx(data.pose["shift"], abs=5e-4)
     by_hand = prepare_data(datasets_dir / "hazelnut", TrainConfig(profile="tiny", augment="rotate"))
-    assert by_hand.pose == {"mode": "rotate", "chosen_by": "config"} and by_hand.train.pose.degrees == 180
+    assert by_hand.pose == {"mode": "rotate", "chosen_by": "config", "degrees": 180, "shift": 0.062}
+    assert by_hand.train.pose == PoseAugmentation(180, 1 / 16)
     plain = prepare_data(datasets_dir / "hazelnut", TrainConfig(profile="tiny"))
-    assert plain.pose == {"mode": "none", "chosen_by": "config"} and plain.train.pose == PoseAugmentation()
+    assert plain.pose == {"mode": "none", "chosen_by": "config", "degrees": 0, "shift": 0}
+    assert plain.train.pose == PoseAugmentation()
     posed, unposed = by_hand.train[(0, 0)]["normal"], plain.train[(0, 0)]["normal"]
     assert posed.shape == unposed.shape and not np.array_equal(posed.numpy(), unposed.numpy())
+
+
+def test_a_pose_record_reads_as_its_ranges():
+    assert pose_summary(choose_pose("rotate", None, None, True)[1]) == "rotate ±180°, ±6.2% of the side"
+    assert pose_summary(choose_pose("shift", None, None, True)[1]) == "shift ±6.2% of the side"
+    assert pose_summary({"mode": "rotate", "chosen_by": "auto", "degrees": 38.0, "shift": 0.0}) == "rotate ±38°"
+    assert pose_summary(choose_pose("none", None, None, True)[1]) == pose_summary(None) == "none"

@@ -1,5 +1,6 @@
 """`trainer eval`: the field's metrics on a labelled test folder, and a picture report."""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,40 +85,63 @@ def head_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps
     return metrics
 
 
+@dataclass(frozen=True)
+class TestSet:
+    """A labelled test folder: images at the model's frame size, masks at the metrics' size."""
+
+    names: list[str]  # defect/file
+    images: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+    defects: list[str]
+
+
+def read_test_set(data_dir: Path, size: int) -> TestSet:
+    test = scan_mvtec(data_dir, require_test=True).test
+    return TestSet(names=[f"{s.defect}/{s.image.name}" for s in test],
+                   images=np.stack([read_rgb(s.image, size) for s in test]),
+                   masks=np.stack([read_mask(s.mask, METRIC_SIZE) if s.mask else np.zeros((METRIC_SIZE,) * 2, bool)
+                                   for s in test]),
+                   labels=np.array([s.defect != "good" for s in test]),
+                   defects=[s.defect for s in test])
+
+
+@torch.no_grad()
+def both_heads(cfg: TrainConfig, model: DiffusionAD, thresholds: dict, radar: dict, test: TestSet,
+               batch_size: int = 8) -> tuple[dict, dict]:
+    """The norm-guided head's metrics at the top level of the result, the RADAR head's under
+    "radar"; and each head's (maps, scores)."""
+    maps, scores = score_in_batches(model.fused(cfg.method).eval(), test.images, batch_size)
+    radar_head, one_class = load_radar(radar, model, cfg.method)
+    radar_maps, radar_features = score_in_batches(radar_head, test.images, batch_size)
+    radar_scores = one_class.score(radar_features)
+    metrics = head_metrics(test.labels, scores, test.masks, maps, test.defects, thresholds)
+    metrics["radar"] = {**head_metrics(test.labels, radar_scores, test.masks, radar_maps, test.defects,
+                                       radar["thresholds"]),
+                        "constants": radar_head.constants.model_dump()}
+    return metrics, {"norm-guided": (maps, scores), "radar": (radar_maps, radar_scores)}
+
+
 @torch.no_grad()
 def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_samples: int = 8) -> dict:
-    """Both heads on the test set: the norm-guided head's figures at the top level of the result
-    (and of metrics.json), the RADAR head's under "radar"."""
+    """Both heads on the test set (`both_heads`), written to metrics.json with a picture report."""
     cfg, model, thresholds = load_run(run)
     radar = radar_record(run, cfg, model)
-    folder = scan_mvtec(data_dir, require_test=True)
-    size = model.frame_size
-    images = np.stack([read_rgb(s.image, size) for s in folder.test])
-    masks = np.stack([read_mask(s.mask, METRIC_SIZE) if s.mask else np.zeros((METRIC_SIZE,) * 2, bool)
-                      for s in folder.test])
-    labels = np.array([s.defect != "good" for s in folder.test])
-    defects = [s.defect for s in folder.test]
-
-    fused = model.fused(cfg.method).eval()
-    maps, scores = score_in_batches(fused, images, batch_size)
-    radar_head, one_class = load_radar(radar, model, cfg.method)
-    radar_maps, radar_features = score_in_batches(radar_head, images, batch_size)
-    radar_scores = one_class.score(radar_features)
-
-    metrics = head_metrics(labels, scores, masks, maps, defects, thresholds)
-    metrics["radar"] = {**head_metrics(labels, radar_scores, masks, radar_maps, defects, radar["thresholds"]),
-                        "constants": radar_head.constants.model_dump()}
-    metrics["run"] = {"profile": cfg.profile, "data": str(data_dir.resolve()), "images": len(images)}
+    test = read_test_set(data_dir, model.frame_size)
+    metrics, outputs = both_heads(cfg, model, thresholds, radar, test, batch_size)
+    (maps, scores), (radar_maps, radar_scores) = outputs["norm-guided"], outputs["radar"]
+    metrics["run"] = {"profile": cfg.profile, "data": str(data_dir.resolve()), "images": len(test.images)}
 
     out.mkdir(parents=True, exist_ok=True)
+    images = test.images
     picks = np.unique(np.linspace(0, len(images) - 1, min(report_samples, len(images))).round().astype(int))
+    fused = model.fused(cfg.method).eval()
     recon = unit_range_to_uint8_nhwc(fused.reconstruct(model_input(torch.from_numpy(images[picks]), model.channels)))
-    mask_small = resize_for_metrics(masks[picks], size)
-    titles = [f"{folder.test[i].defect}/{folder.test[i].image.name}  score {scores[i]:.3f}  "
-              f"RADAR {radar_scores[i]:.3f}" for i in picks]
+    mask_small = resize_for_metrics(test.masks[picks], model.frame_size)
+    titles = [f"{test.names[i]}  score {scores[i]:.3f}  RADAR {radar_scores[i]:.3f}" for i in picks]
     write_sample_grid(out / "samples.png", images[picks], recon, maps[picks], radar_maps[picks], mask_small, titles)
-    write_curves(out, labels, scores, masks, resize_for_metrics(maps, METRIC_SIZE))
-    write_score_histogram(out / "score_histogram.png", labels, scores, metrics["verdicts"])
-    write_score_histogram(out / "radar_score_histogram.png", labels, radar_scores, metrics["radar"]["verdicts"])
+    write_curves(out, test.labels, scores, test.masks, resize_for_metrics(maps, METRIC_SIZE))
+    write_score_histogram(out / "score_histogram.png", test.labels, scores, metrics["verdicts"])
+    write_score_histogram(out / "radar_score_histogram.png", test.labels, radar_scores, metrics["radar"]["verdicts"])
     files.write_json(out / "metrics.json", metrics)
     return metrics

@@ -43,11 +43,11 @@ class PoseAugmentation:
         dx, dy = rng.uniform(-self.shift, self.shift, size=2) * (width, height)
         matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), angle, 1.0)
         matrix[:, 2] += (dx, dy)
-        turned = cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR,
-                                borderMode=cv2.BORDER_REFLECT_101)
+        posed = cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REFLECT_101)
         region = cv2.warpAffine(foreground.astype(np.uint8), matrix, (width, height), flags=cv2.INTER_NEAREST,
                                 borderMode=cv2.BORDER_REFLECT_101)
-        return turned, region.astype(bool)
+        return posed, region.astype(bool)
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -55,10 +55,11 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return cv2.resize(gray, (ANALYSIS_SIZE, ANALYSIS_SIZE), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
-def _turned(image: np.ndarray, degrees: float) -> np.ndarray:
+def turned(image: np.ndarray, degrees: float, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """The image turned about its centre (counter-clockwise), borders reflected as in training."""
     centre = ((image.shape[1] - 1) / 2, (image.shape[0] - 1) / 2)
     return cv2.warpAffine(image, cv2.getRotationMatrix2D(centre, degrees, 1.0), image.shape[1::-1],
-                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+                          flags=interpolation, borderMode=cv2.BORDER_REFLECT_101)
 
 
 def _centred(gray: np.ndarray, foreground: np.ndarray) -> np.ndarray:
@@ -97,8 +98,8 @@ def rotations_to(reference: np.ndarray, pictures: list[np.ndarray], period: int)
     which cannot tell a half turn), wrapped to (-period/2, period/2]."""
     inside = _disc(reference.shape[0])
     angles = np.arange(0, period, STEP_DEGREES, dtype=float)
-    turned = _standardised(np.stack([_turned(reference, a)[inside] for a in angles]))
-    scores = _standardised(np.stack([picture[inside] for picture in pictures])) @ turned.T
+    references = _standardised(np.stack([turned(reference, a)[inside] for a in angles]))
+    scores = _standardised(np.stack([picture[inside] for picture in pictures])) @ references.T
     return wrap_degrees(angles[np.argmax(scores, axis=1)], period)
 
 
@@ -134,16 +135,17 @@ def shift_spread(foregrounds: np.ndarray) -> tuple[float, float]:
     return float(np.percentile(offsets, 90)), float(offsets.max())
 
 
+# What the settings other than `auto` mean.
+HAND_SET = {"none": PoseAugmentation(), "rotate": PoseAugmentation(ANY_ROTATION_DEGREES, HAND_SHIFT),
+            "shift": PoseAugmentation(0.0, HAND_SHIFT)}
+
+
 def choose_pose(setting: Augment, images: np.ndarray, foregrounds: np.ndarray,
                 is_object: bool) -> tuple[PoseAugmentation, dict]:
     """The training images' augmentation and the record of the decision (config.json): set by hand,
     or for `auto` from the images' variation (rotation, or else shift, each over the range seen)."""
-    if setting == "none":
-        return PoseAugmentation(), {"mode": "none", "chosen_by": "config"}
-    if setting == "rotate":
-        return PoseAugmentation(ANY_ROTATION_DEGREES, HAND_SHIFT), {"mode": "rotate", "chosen_by": "config"}
-    if setting == "shift":
-        return PoseAugmentation(0.0, HAND_SHIFT), {"mode": "shift", "chosen_by": "config"}
+    if setting != "auto":
+        return _recorded(setting, HAND_SET[setting], chosen_by="config")
     typical_turn, largest_turn = rotation_spread(images, foregrounds, is_object)
     typical_shift, largest_shift = shift_spread(foregrounds) if is_object else (0.0, 0.0)
     shift = largest_shift if typical_shift >= MIN_SHIFT else 0.0
@@ -151,6 +153,19 @@ def choose_pose(setting: Augment, images: np.ndarray, foregrounds: np.ndarray,
         mode, augmentation = "rotate", PoseAugmentation(largest_turn, shift)
     else:
         mode, augmentation = ("shift", PoseAugmentation(0.0, shift)) if shift else ("none", PoseAugmentation())
-    return augmentation, {"mode": mode, "chosen_by": "auto", "degrees": round(augmentation.degrees, 1),
-                          "shift": round(augmentation.shift, 3), "rotation_90th_degrees": round(typical_turn, 1),
-                          "shift_90th": round(typical_shift, 3)}
+    return _recorded(mode, augmentation, chosen_by="auto", rotation_90th_degrees=round(typical_turn, 1),
+                     shift_90th=round(typical_shift, 3))
+
+
+def _recorded(mode: str, augmentation: PoseAugmentation, **decision) -> tuple[PoseAugmentation, dict]:
+    return augmentation, {"mode": mode, "degrees": round(augmentation.degrees, 1),
+                          "shift": round(augmentation.shift, 3), **decision}
+
+
+def pose_summary(record: dict) -> str:
+    """A config.json pose record in a few words; runs from before pose augmentation have none."""
+    if record is None or record["mode"] == "none":
+        return "none"
+    ranges = ([f"±{record['degrees']:g}°"] if record["degrees"] else []) + (
+        [f"±{record['shift']:.1%} of the side"] if record["shift"] else [])
+    return f"{record['mode']} {', '.join(ranges)}"
