@@ -116,7 +116,8 @@ def markdown(results: list[dict], command: str) -> str:
              "good parts targeted, the rate it states beside them (\"capped\": too few calibration images to "
              "observe 1 %, and the extrapolated threshold would have passed more than 10 % of synthetic defects; "
              "see docs/method.md). Written by `bench/accuracy.py`:", "", f"```sh\n.venv/bin/python {command}\n```", "",
-             "| set | minutes | settings | steps | decisions | head | image AUROC | pixel AUROC | AUPRO (0.3) | pixel AP "
+             "| set | minutes | settings | steps | decisions | head | image AUROC | pixel AUROC | AUPRO (0.3) "
+             "| pixel AP "
              "| image F1max | stated false-reject rate | false rejects (test good) | escapes (test defective) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -127,10 +128,12 @@ def markdown(results: list[dict], command: str) -> str:
             stated = "—" if figures.get("stated_false_reject_rate") is None else (  # not in older records
                 f"{100 * figures['stated_false_reject_rate']:.1f} %"
                 + (" (capped)" if figures["limited_by"] == "synthetic_defects" else ""))
-            lines.append(f"| {r['set']} | {r['minutes']:g} | {described(r) or 'defaults'} | {r['steps']} | {decided} | {label} | {cells} | {stated} | "
-                         f"{figures['false_rejects']}/{figures['good']} | {figures['escapes']}/{figures['defective']} |")
+            lines.append(f"| {r['set']} | {r['minutes']:g} | {described(r) or 'defaults'} | {r['steps']} | {decided} "
+                         f"| {label} | {cells} | {stated} | {figures['false_rejects']}/{figures['good']} "
+                         f"| {figures['escapes']}/{figures['defective']} |")
     lines += ["", "Per defect type (each against all of the test's good images):", "",
-              "| set | head | defect | image AUROC | pixel AUROC | AUPRO (0.3) | pixel AP |", "|---|---|---|---|---|---|---|"]
+              "| set | head | defect | image AUROC | pixel AUROC | AUPRO (0.3) | pixel AP |",
+              "|---|---|---|---|---|---|---|"]
     for r in results:
         for head, figures in r["heads"].items():
             for defect, scores in figures["per_defect"].items():
@@ -198,7 +201,8 @@ def main() -> None:
         results.sort(key=lambda r: (SETS.index(r["set"]) if r["set"] in SETS else len(SETS), r["set"], r["minutes"],
                                     sorted(r["settings"].items())))
         store.write_text(json.dumps(results, indent=2) + "\n")  # after every set: a later failure keeps it
-        args.out.write_text(markdown(results, "bench/accuracy.py --minutes M --sets SET [SET ...] [--setting KEY=VALUE ...] "
+        args.out.write_text(markdown(results, "bench/accuracy.py --minutes M --sets SET [SET ...] "
+                                              "[--setting KEY=VALUE ...] "
                                               "[--evaluate-kept]"))
         print(f"{name}: written to {args.out}", flush=True)
 

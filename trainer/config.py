@@ -49,10 +49,11 @@ class TrainConfig(BaseModel):
                             "have colour, else rgb (the decision is logged and kept in config.json; default measured: "
                             "README, Colour mode)")
     augment: Augment = Field(
-        "none", description="training images turned and moved as the part varies on the line (never mirrored): "
-                            "rotate (any angle, a sixteenth of the side), shift (that shift only); auto: from the "
-                            "training images' own variation (the decision is logged and kept in config.json). "
-                            "Default none until measured")
+        "auto", description="training images turned and moved as the part varies on the line (never mirrored): "
+                            "rotate (any angle, a sixteenth of the side), shift (that shift only), none; auto: as "
+                            "far as the training images themselves vary (the decision is logged and kept in "
+                            "config.json; default measured: README, Pose tolerance). Set none where a part's "
+                            "orientation is what is inspected")
     foreground_masks: Path | None = Field(None, description="folder of user foreground masks (by image stem)")
     textures: Path | None = Field(None, description="folder of texture images used as anomaly source")
     texture_probability: float = Field(0.5, ge=0, le=1, description="chance of a texture source (objects)")
