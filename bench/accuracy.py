@@ -24,12 +24,12 @@ from pathlib import Path
 
 from machine import describe
 from trainer.data.pose import pose_summary
+from trainer.evaluate import by_head
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = ("bottle", "magnetic_tile", "hazelnut")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
 DEFECT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
-HEADS = (("norm-guided", lambda m: m), ("radar", lambda m: m["radar"]))
 
 
 def trainer(*args: str) -> None:
@@ -102,7 +102,7 @@ def evaluated(run: Path, data: Path) -> dict:
                       "pose": pose_summary(config["data"].get("pose")),
                       "precision": config.get("precision", {}).get("computed_in", "fp32")},
         "recommended_head": max(selection, key=selection.get),
-        "heads": {head: head_figures(pick(metrics)) for head, pick in HEADS},
+        "heads": {head: head_figures(figures) for head, figures in by_head(metrics).items()},
         "evaluated": f"{datetime.now(timezone.utc):%Y-%m-%d}",
     }
 

@@ -20,12 +20,10 @@ import numpy as np
 
 from machine import describe
 from trainer.data.pose import pose_summary, turned
-from trainer.evaluate import both_heads, load_run, radar_record, read_test_set
-
-HEADS = (("norm-guided", lambda m: m), ("RADAR", lambda m: m["radar"]))
+from trainer.evaluate import TestSet, both_heads, by_head, load_run, radar_record, read_test_set
 
 
-def turned_test_set(test, degrees: float):
+def turned_test_set(test: TestSet, degrees: float) -> TestSet:
     """Every image and mask turned by `degrees` (0: the test set as it is)."""
     if not degrees:
         return test
@@ -59,8 +57,8 @@ def main() -> None:
         test = read_test_set(args.data, model.frame_size)
         for degrees in args.degrees:
             metrics, _ = both_heads(cfg, model, thresholds, radar, turned_test_set(test, degrees))
-            for head, pick in HEADS:
-                print(row(run, trained, degrees, head, pick(metrics)), flush=True)
+            for head, figures in by_head(metrics).items():
+                print(row(run, trained, degrees, head, figures), flush=True)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,11 @@ def both_heads(cfg: TrainConfig, model: DiffusionAD, thresholds: dict, radar: di
     return metrics, {"norm-guided": (maps, scores), "radar": (radar_maps, radar_scores)}
 
 
+def by_head(metrics: dict) -> dict[str, dict]:
+    """`both_heads`' metrics per head name (metrics.json keeps the norm-guided head's at the top level)."""
+    return {"norm-guided": metrics, "radar": metrics["radar"]}
+
+
 @torch.no_grad()
 def evaluate(run: Path, data_dir: Path, out: Path, batch_size: int = 8, report_samples: int = 8) -> dict:
     """Both heads on the test set (`both_heads`), written to metrics.json with a picture report."""

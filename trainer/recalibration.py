@@ -19,10 +19,11 @@ from protocols.bundle import (
 )
 from protocols.one_class import KnnNormalModel
 from trainer import run_dir as files
-from trainer.config import ConfigError
+from trainer.config import ConfigError, TrainConfig
 from trainer.data.mvtec import DataError, is_image_file, read_rgb
 from trainer.evaluate import held_out_data, load_run, score_in_batches
 from trainer.evaluation.calibration import Thresholds, calibrate
+from trainer.model import DiffusionAD
 from trainer.radar_fit import load_radar, radar_thresholds
 from trainer.validation import calibrate_run
 
@@ -79,7 +80,7 @@ def _bundle_heads(bundle: Path) -> tuple[int, list[_Head]]:
     return manifest.input.height, heads
 
 
-def _run_heads(run: Path) -> tuple[int, list[_Head]]:
+def _run_heads(run: Path) -> tuple[TrainConfig, DiffusionAD, list[_Head]]:
     cfg, model, thresholds = load_run(run)
     heads = [_Head("norm-guided", model.fused(cfg.method).eval(), None,
                    Thresholds.from_dict(thresholds["false_reject_rate"]), BATCH)]
@@ -87,7 +88,7 @@ def _run_heads(run: Path) -> tuple[int, list[_Head]]:
         record = files.read_json(run / files.RADAR)
         graph, one_class = load_radar(record, model, cfg.method)
         heads.append(_Head("radar", graph, one_class, Thresholds.from_dict(record["thresholds"]["false_reject_rate"]), BATCH))
-    return model.frame_size, heads
+    return cfg, model, heads
 
 
 def recalibrate(source: Path, good_dir: Path | None, defects_dir: Path | None, false_reject_rate: float,
@@ -105,9 +106,13 @@ def recalibrate(source: Path, good_dir: Path | None, defects_dir: Path | None, f
                           "calibrated on)")
     if out is not None and out.exists():
         raise ConfigError(f"{out}: exists; not overwriting")
-    size, heads = _bundle_heads(source) if is_bundle else _run_heads(source)
-    if good_dir is None:
-        good, on_split = _own_split_thresholds(source, false_reject_rate)
+    if is_bundle:
+        size, heads = _bundle_heads(source)
+    else:
+        cfg, model, heads = _run_heads(source)
+        size = model.frame_size
+    if good_dir is None:  # a run (a bundle without GOOD_DIR was refused above)
+        good, on_split = _own_split_thresholds(source, cfg, model, heads, false_reject_rate)
     else:
         good, on_split = _images(good_dir, size), None
     defects = _images(defects_dir, size) if defects_dir is not None else None
@@ -144,18 +149,21 @@ def recalibrate(source: Path, good_dir: Path | None, defects_dir: Path | None, f
     return done
 
 
-def _own_split_thresholds(run: Path, false_reject_rate: float) -> tuple[np.ndarray, dict[str, dict]]:
+def _own_split_thresholds(run: Path, cfg: TrainConfig, model: DiffusionAD, heads: list[_Head],
+                          false_reject_rate: float) -> tuple[np.ndarray, dict[str, dict]]:
     """The run's calibration images and, per head, the thresholds `fit` would write for them now."""
-    cfg, model, _ = load_run(run)
     cfg = cfg.model_copy(update={"false_reject_rate": false_reject_rate})
     data = held_out_data(run, cfg)
     device = torch.device("cpu")
-    thresholds = {"norm-guided": calibrate_run(model, cfg, data.calibration, data.calibration_defects,
-                                               data.validation, device)}
-    if (run / files.RADAR).is_file():
-        head, one_class = load_radar(files.read_json(run / files.RADAR), model, cfg.method)
-        thresholds["radar"] = radar_thresholds(head, one_class, data.calibration, data.calibration_defects,
-                                               data.validation, false_reject_rate, device)
+    thresholds = {}
+    for head in heads:
+        if head.one_class is None:
+            thresholds[head.name] = calibrate_run(model, cfg, data.calibration, data.calibration_defects,
+                                                  data.validation, device)
+        else:
+            thresholds[head.name] = radar_thresholds(head.graph, head.one_class, data.calibration,
+                                                     data.calibration_defects, data.validation, false_reject_rate,
+                                                     device)
     return data.calibration, thresholds
 
 
