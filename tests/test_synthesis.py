@@ -19,9 +19,12 @@ from trainer.data.samples import write_synthetic_samples
 from trainer.data.synthesis import (
     AUGMENTERS,
     AnomalySynthesizer,
+    ProceduralTextures,
+    TextureFolder,
     augment_source,
     list_textures,
     self_augmented,
+    texture_source,
 )
 from trainer.data.training_set import (SyntheticDefects, TrainingKeys, TrainingPairs, ValidationSet,
                                        to_model_range)
@@ -111,7 +114,7 @@ def test_texture_source_is_blended_with_opacity_between_0_2_and_0_8(tmp_path: Pa
     """Black image, white texture, no augmentation: inside the mask the value is (1 - beta) * 255."""
     monkeypatch.setattr(synthesis, "augment_source", lambda image, rng: image)
     texture = write_png(tmp_path / "white.png", np.full((SIZE, SIZE, 3), 255, np.uint8))
-    synthesizer = AnomalySynthesizer(SIZE, [texture], texture_probability=1.0)
+    synthesizer = AnomalySynthesizer(SIZE, TextureFolder([texture], SIZE), texture_probability=1.0)
     black, foreground = np.zeros((SIZE, SIZE, 3), np.uint8), np.ones((SIZE, SIZE), bool)
     betas = []
     for seed in range(20):
@@ -125,11 +128,34 @@ def test_texture_source_is_blended_with_opacity_between_0_2_and_0_8(tmp_path: Pa
 
 def test_textures_are_decoded_once(tmp_path: Path):
     texture = write_png(tmp_path / "texture.png", random_image(5))
-    synthesizer = AnomalySynthesizer(SIZE, [texture], texture_probability=1.0)
+    synthesizer = AnomalySynthesizer(SIZE, TextureFolder([texture], SIZE), texture_probability=1.0)
     image, foreground = random_image(6), np.ones((SIZE, SIZE), bool)
     synthesizer(image, foreground, np.random.default_rng(0))
     texture.unlink()
     synthesizer(image, foreground, np.random.default_rng(1))  # would raise DataError if read again
+
+
+def test_the_textures_setting_names_a_folder_procedural_pictures_or_no_texture_source(tmp_path: Path):
+    texture = write_png(tmp_path / "folder" / "t.png", random_image(5))
+    assert texture_source("none", SIZE) is None
+    folder = texture_source(tmp_path / "folder", SIZE)
+    assert isinstance(folder, TextureFolder) and folder.paths == (texture,)
+    procedural = texture_source("procedural", SIZE)
+    assert isinstance(procedural, ProceduralTextures)
+    first, second = procedural(np.random.default_rng(0)), procedural(np.random.default_rng(1))
+    assert first.shape == second.shape == (SIZE, SIZE, 3) and first.dtype == np.uint8
+    assert not np.array_equal(first, second)  # a new picture each draw, not one texture
+    with pytest.raises(DataError, match="texture folder not found"):
+        texture_source(tmp_path / "missing", SIZE)
+
+
+def test_procedural_textures_fill_the_anomaly_as_often_as_the_texture_probability_says(monkeypatch):
+    """A flat image's own tiles are flat: a non-flat anomaly came from the procedural source."""
+    monkeypatch.setattr(synthesis, "augment_source", lambda image, rng: image)
+    synthesizer = AnomalySynthesizer(SIZE, ProceduralTextures(SIZE), texture_probability=0.5)
+    flat, foreground = np.full((SIZE, SIZE, 3), 128, np.uint8), np.ones((SIZE, SIZE), bool)
+    textured = [np.ptp(synthesizer(flat, foreground, np.random.default_rng(seed))[0]) > 0 for seed in range(40)]
+    assert 10 <= sum(textured) <= 30
 
 
 def test_synthesizer_rejects_images_of_another_size():

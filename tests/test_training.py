@@ -17,7 +17,7 @@ from trainer.data.mvtec import read_rgb, scan_mvtec
 from trainer.evaluate import load_run
 from trainer.objective import lr_factor
 from trainer import precision as training_precision
-from trainer.config import ConfigError, reference_rows
+from trainer.config import ConfigError, load_train_config, reference_rows
 from trainer.precision import autocast
 from trainer import training
 from trainer.training import TrainingSession
@@ -260,6 +260,16 @@ def test_bad_input_is_one_clear_line_and_nothing_is_written(tmp_path, case):
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_a_config_names_a_texture_folder_relative_to_itself_or_a_built_in_source(tmp_path):
+    config = tmp_path / "configs" / "part.toml"
+    config.parent.mkdir()
+    config.write_text('textures = "dtd/images"\n')
+    assert load_train_config(config).textures == tmp_path / "configs" / "dtd" / "images"
+    for word in ("procedural", "none"):
+        config.write_text(f'textures = "{word}"\n')
+        assert load_train_config(config).textures == word
 
 
 def test_readme_documents_every_training_setting_with_its_default():

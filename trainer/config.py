@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainer.data.pose import Augment
+from trainer.data.synthesis import TextureSetting
 from trainer.method import MethodConfig
 from trainer.profiles import PROFILES
 
@@ -55,7 +56,10 @@ class TrainConfig(BaseModel):
                             "config.json; default measured: README, Pose tolerance). Set none where a part's "
                             "orientation is what is inspected")
     foreground_masks: Path | None = Field(None, description="folder of user foreground masks (by image stem)")
-    textures: Path | None = Field(None, description="folder of texture images used as anomaly source")
+    textures: TextureSetting = Field(
+        "none", description="texture source of synthetic defects: a folder of texture images (e.g. DTD), or "
+                            "procedural: pictures the product draws (surfaces and shapes); none: the image's own "
+                            "shuffled tiles only")
     texture_probability: float = Field(0.5, ge=0, le=1, description="chance of a texture source (objects)")
     false_reject_rate: float = Field(0.01, gt=0, lt=1, description="calibration target on normal images")
     tiles_per_side: int = Field(
@@ -86,7 +90,7 @@ def load_train_config(path: Path | None, **overrides: object) -> TrainConfig:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
         # Paths in a config file are relative to the file, so configs/ works from any directory.
         for key in ("textures", "foreground_masks"):
-            if isinstance(data.get(key), str):
+            if isinstance(data.get(key), str) and data[key] not in ("procedural", "none"):
                 data[key] = str((path.parent / data[key]).resolve())
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:

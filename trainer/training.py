@@ -23,7 +23,7 @@ from trainer.data.color import CHANNELS, GRAY_MAX_COLORED_SHARE, choose_color
 from trainer.data.foreground import AUTO_OBJECT_SHARE, choose_foreground, foreground_mask, load_user_masks
 from trainer.data.pose import MIN_ROTATION_DEGREES, MIN_SHIFT, choose_pose
 from trainer.data.mvtec import DataError, HoldoutSplit, read_rgb, scan_mvtec, split_holdout
-from trainer.data.synthesis import AnomalySynthesizer, list_textures
+from trainer.data.synthesis import AnomalySynthesizer, texture_source
 from trainer.data.training_set import SyntheticDefects, TrainingKeys, TrainingPairs, ValidationSet, fixed_tiles
 from trainer.model import DiffusionAD
 from trainer.objective import JointObjective, draw_step_randomness, lr_factor
@@ -111,7 +111,6 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
         raise DataError(f"{data_dir / 'train' / 'good'}: {err}") from None
     train_paths, val_paths = split.train, split.selection
     user_masks = load_user_masks(cfg.foreground_masks, size) if cfg.foreground_masks else {}
-    textures = list_textures(cfg.textures) if cfg.textures else []
     train_images = np.stack([read_rgb(p, size) for p in train_paths])
     val_images = np.stack([read_rgb(p, size) for p in val_paths])
     if cfg.color == "auto":
@@ -126,8 +125,8 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
         mode, foreground = cfg.foreground, {"mode": cfg.foreground, "chosen_by": "config"}
     # Texture classes always take a texture as anomaly source (METHOD.md); objects only sometimes.
     texture_probability = 1.0 if mode == "texture" else cfg.texture_probability
-    synthesizer = AnomalySynthesizer(size, textures, texture_probability=texture_probability)
-    tile_synthesizer = AnomalySynthesizer(tile, textures, texture_probability=texture_probability)
+    synthesizer = AnomalySynthesizer(size, texture_source(cfg.textures, size), texture_probability)
+    tile_synthesizer = AnomalySynthesizer(tile, texture_source(cfg.textures, tile), texture_probability)
 
     def foregrounds(paths: list[Path], images: np.ndarray) -> np.ndarray:
         return np.stack([user_masks[p.stem] if p.stem in user_masks else foreground_mask(im, mode)

@@ -8,7 +8,7 @@ import numpy as np
 
 from trainer.data.foreground import ForegroundMode, foreground_mask
 from trainer.data.mvtec import DataError, read_rgb, scan_mvtec
-from trainer.data.synthesis import OBJECT_TEXTURE_PROBABILITY, AnomalySynthesizer, list_textures
+from trainer.data.synthesis import OBJECT_TEXTURE_PROBABILITY, AnomalySynthesizer, TextureSetting, texture_source
 
 CONTOUR_RGB = (255, 0, 0)
 
@@ -18,7 +18,7 @@ def write_synthetic_samples(
     out_dir: Path,
     n: int,
     size: int,
-    textures: Path | None,
+    textures: TextureSetting,
     foreground: ForegroundMode,
     seed: int,
 ) -> list[Path]:
@@ -31,7 +31,7 @@ def write_synthetic_samples(
     train = scan_mvtec(data_dir, require_test=False).train
     synthesizer = AnomalySynthesizer(
         size,
-        list_textures(textures) if textures else (),
+        texture_source(textures, size),
         texture_probability=1.0 if foreground == "texture" else OBJECT_TEXTURE_PROBABILITY,
     )
     rng = np.random.default_rng(seed)

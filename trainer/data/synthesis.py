@@ -3,14 +3,18 @@ texture or a shuffled copy of the image, both put through three random augmenter
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 
 from trainer.data.mvtec import DataError, is_image_file, read_rgb
 from trainer.data.perlin import perlin_mask
+from trainer.data.procedural import procedural_image
 
 Augmenter = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # uint8 RGB in, uint8 RGB out
+TextureSource = Callable[[np.random.Generator], np.ndarray]  # a uint8 RGB texture at the synthesizer's size
+TextureSetting = Literal["procedural", "none"] | Path
 
 AUGMENTERS_PER_SOURCE = 3
 GRID_SIZES = (2, 4, 8)
@@ -108,18 +112,53 @@ def self_augmented(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return result
 
 
+class TextureFolder:
+    """Texture images from a folder (e.g. DTD), each decoded once: decoding dominates a draw's cost."""
+
+    def __init__(self, paths: Sequence[Path], size: int):
+        self.paths = tuple(paths)
+        self.size = size
+        self._decoded: dict[Path, np.ndarray] = {}
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        path = self.paths[rng.integers(len(self.paths))]
+        if path not in self._decoded:
+            self._decoded[path] = read_rgb(path, self.size)
+        return self._decoded[path]
+
+
+class ProceduralTextures:
+    """A new procedural picture each draw (surfaces and shapes, trainer/data/procedural.py): foreign
+    material unlike the part, with no image set to download or licence to check."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        return procedural_image(self.size, rng)
+
+
+def texture_source(setting: TextureSetting | str, size: int) -> TextureSource | None:
+    """The `textures` setting as a source of size x size textures; none: the image's own tiles only."""
+    if setting == "none":
+        return None
+    if setting == "procedural":
+        return ProceduralTextures(size)
+    return TextureFolder(list_textures(Path(setting)), size)
+
+
 class AnomalySynthesizer:
     """Turns a normal image into (synthetic anomaly, mask); picklable, so data-loader workers can use it."""
 
     def __init__(
-        self, size: int, textures: Sequence[Path] = (), texture_probability: float = OBJECT_TEXTURE_PROBABILITY
+        self, size: int, textures: TextureSource | None = None,
+        texture_probability: float = OBJECT_TEXTURE_PROBABILITY,
     ):
         if not 0 <= texture_probability <= 1:
             raise ValueError(f"texture_probability must be in [0, 1], got {texture_probability}")
         self.size = size
-        self.textures = tuple(textures)
+        self.textures = textures
         self.texture_probability = texture_probability
-        self._decoded_textures: dict[Path, np.ndarray] = {}
 
     def __call__(
         self, image: np.ndarray, foreground: np.ndarray, rng: np.random.Generator
@@ -146,15 +185,9 @@ class AnomalySynthesizer:
         return max(regions, key=np.count_nonzero)
 
     def _anomaly_source(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if self.textures and rng.random() < self.texture_probability:
-            return self._texture(self.textures[rng.integers(len(self.textures))])
+        if self.textures is not None and rng.random() < self.texture_probability:
+            return self.textures(rng)
         return self_augmented(image, rng)
-
-    def _texture(self, path: Path) -> np.ndarray:
-        # Each texture is drawn many times and decoding dominates the cost: keep them all decoded.
-        if path not in self._decoded_textures:
-            self._decoded_textures[path] = read_rgb(path, self.size)
-        return self._decoded_textures[path]
 
 
 def list_textures(folder: Path) -> list[Path]:
