@@ -17,7 +17,7 @@ from trainer.data.mvtec import read_rgb, scan_mvtec
 from trainer.evaluate import load_run
 from trainer.objective import lr_factor
 from trainer import precision as training_precision
-from trainer.config import ConfigError, load_train_config, reference_rows
+from trainer.config import ConfigError, TrainConfig, load_train_config, reference_rows
 from trainer.precision import autocast
 from trainer import training
 from trainer.training import TrainingSession
@@ -270,6 +270,8 @@ def test_a_config_names_a_texture_folder_relative_to_itself_or_a_built_in_source
     for word in ("procedural", "none"):
         config.write_text(f'textures = "{word}"\n')
         assert load_train_config(config).textures == word
+    assert load_train_config(None, textures=None).textures == "none"  # absent on the command line
+    assert TrainConfig.model_validate({"textures": None}).textures == "none"  # config.json of older runs
 
 
 def test_readme_documents_every_training_setting_with_its_default():

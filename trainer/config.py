@@ -4,7 +4,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.data.pose import Augment
 from trainer.data.synthesis import TextureSetting
@@ -26,6 +26,11 @@ class TrainConfig(BaseModel):
             rate = PROFILES[data.get("profile", "small")].learning_rate
             data = {"lr_denoiser": rate, "lr_segmenter": rate, **data}
         return data
+
+    @field_validator("textures", mode="before")
+    @classmethod
+    def _runs_without_a_texture_source(cls, value: object) -> object:
+        return "none" if value is None else value  # config.json of runs from before the setting took words
 
     profile: Literal[tuple(PROFILES)] = Field("small", description="model size: tiny, small or paper")
     method: MethodConfig = MethodConfig()
