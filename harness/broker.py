@@ -3,6 +3,7 @@
 import asyncio
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -22,11 +23,35 @@ class BrokerError(HarnessError):
     """A broker could not be found or started."""
 
 
+LOWEST_PORT = 10000
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel gives to outgoing connections (Linux's default where the file is missing)."""
+    try:
+        low, high = EPHEMERAL_RANGE_FILE.read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing holds right now, below the ephemeral range.
+
+    Outside that range because brokers are stopped and restarted on their port: while one is down,
+    the kernel could hand its port to any outgoing connection as a source port (then the restart
+    fails with "Address already in use"; seen in CI).
+    """
+    low = _ephemeral_range()[0]
+    for port in random.sample(range(LOWEST_PORT, low), min(200, low - LOWEST_PORT)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise HarnessError(f"no free TCP port on 127.0.0.1 between {LOWEST_PORT} and {low}")
 
 
 def find_mosquitto() -> str | None:

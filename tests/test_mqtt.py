@@ -14,6 +14,7 @@ import pytest
 from edge.mqtt.outbox import Outbox, OutboxError
 from edge.settings import MqttSettings
 from protocols.messages import LatencyMs, ModelRef, Result, Status, result_topic, status_topic
+from harness.broker import _ephemeral_range, free_port
 from mqtt_broker import Broker, Subscriber, running_link
 
 pytestmark = pytest.mark.timeout(60)
@@ -260,3 +261,10 @@ def test_the_test_subscriber_keeps_its_subscription_across_a_broker_restart(brok
             publisher.loop_stop()
             publisher.disconnect()
     assert sorted(frame_ids(received)) == sent
+
+
+def test_test_brokers_get_ports_the_kernel_never_hands_to_outgoing_connections():
+    # A broker restarted on its port during an outage test must find it free: a port in the
+    # ephemeral range can meanwhile become some client's source port ("Address already in use").
+    low, _ = _ephemeral_range()
+    assert all(free_port() < low for _ in range(20))
