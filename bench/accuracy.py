@@ -98,6 +98,7 @@ def evaluated(run: Path, data: Path) -> dict:
                  "radar": read_json(run / "radar.json")["validation"]["selection"]}
     return {
         "decisions": {"foreground": config["data"]["foreground"]["mode"],
+                      "textures": config["data"].get("textures", {}).get("source", "none"),
                       "color": config["data"].get("color", {}).get("mode", "rgb"),
                       "pose": pose_summary(config["data"].get("pose")),
                       "precision": config.get("precision", {}).get("computed_in", "fp32")},

@@ -23,6 +23,7 @@ from trainer.data.synthesis import (
     TextureFolder,
     augment_source,
     list_textures,
+    resolve_textures,
     self_augmented,
     texture_source,
 )
@@ -147,6 +148,15 @@ def test_the_textures_setting_names_a_folder_procedural_pictures_or_no_texture_s
     assert not np.array_equal(first, second)  # a new picture each draw, not one texture
     with pytest.raises(DataError, match="texture folder not found"):
         texture_source(tmp_path / "missing", SIZE)
+
+
+def test_auto_textures_are_procedural_pictures_on_objects_and_a_surfaces_own_tiles_on_textures(tmp_path: Path):
+    assert resolve_textures("auto", "object") == "procedural"
+    assert resolve_textures("auto", "texture") == "none"
+    for setting in ("procedural", "none", tmp_path):
+        assert resolve_textures(setting, "object") == resolve_textures(setting, "texture") == setting
+    with pytest.raises(ValueError, match="resolve"):
+        texture_source("auto", SIZE)
 
 
 def test_procedural_textures_fill_the_anomaly_as_often_as_the_texture_probability_says(monkeypatch):

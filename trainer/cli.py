@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", type=Path, required=True, help="run directory to create (or resume)")
     fit.add_argument("--config", type=Path, help="TOML training config (see configs/)")
     fit.add_argument("--profile", choices=["tiny", "small", "paper"])
-    fit.add_argument("--textures", help="anomaly texture source: a folder of texture images, procedural or none")
+    fit.add_argument("--textures", help="anomaly texture source: a folder of texture images, procedural, none or auto")
     fit.add_argument("--seed", type=int)
     fit.add_argument("--max-steps", type=int)
     fit.add_argument("--epochs", type=int)
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("-n", type=int, default=16)
     synth.add_argument("--profile", choices=["tiny", "small", "paper"], default="small")
-    synth.add_argument("--textures", default="none", help="a folder of texture images, procedural or none")
+    synth.add_argument("--textures", default="none", help="a folder of texture images, procedural, none or auto")
     synth.add_argument("--foreground", choices=["object", "texture"], default="object")
     synth.add_argument("--seed", type=int, default=0)
 

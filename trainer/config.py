@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.data.pose import Augment
-from trainer.data.synthesis import TextureSetting
+from trainer.data.synthesis import TEXTURE_WORDS, TextureSetting
 from trainer.method import MethodConfig
 from trainer.profiles import PROFILES
 
@@ -64,7 +64,8 @@ class TrainConfig(BaseModel):
     textures: TextureSetting = Field(
         "none", description="texture source of synthetic defects: a folder of texture images (e.g. DTD), or "
                             "procedural: pictures the product draws (surfaces and shapes); none: the image's own "
-                            "shuffled tiles only")
+                            "shuffled tiles only; auto: procedural on objects, none on textures (the decision is "
+                            "logged and kept in config.json; measured: README, Texture source)")
     texture_probability: float = Field(0.5, ge=0, le=1, description="chance of a texture source (objects)")
     false_reject_rate: float = Field(0.01, gt=0, lt=1, description="calibration target on normal images")
     tiles_per_side: int = Field(
@@ -95,7 +96,7 @@ def load_train_config(path: Path | None, **overrides: object) -> TrainConfig:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
         # Paths in a config file are relative to the file, so configs/ works from any directory.
         for key in ("textures", "foreground_masks"):
-            if isinstance(data.get(key), str) and data[key] not in ("procedural", "none"):
+            if isinstance(data.get(key), str) and data[key] not in TEXTURE_WORDS:
                 data[key] = str((path.parent / data[key]).resolve())
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:

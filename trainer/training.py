@@ -23,7 +23,7 @@ from trainer.data.color import CHANNELS, GRAY_MAX_COLORED_SHARE, choose_color
 from trainer.data.foreground import AUTO_OBJECT_SHARE, choose_foreground, foreground_mask, load_user_masks
 from trainer.data.pose import MIN_ROTATION_DEGREES, MIN_SHIFT, choose_pose
 from trainer.data.mvtec import DataError, HoldoutSplit, read_rgb, scan_mvtec, split_holdout
-from trainer.data.synthesis import AnomalySynthesizer, texture_source
+from trainer.data.synthesis import AnomalySynthesizer, resolve_textures, texture_source
 from trainer.data.training_set import SyntheticDefects, TrainingKeys, TrainingPairs, ValidationSet, fixed_tiles
 from trainer.model import DiffusionAD
 from trainer.objective import JointObjective, draw_step_randomness, lr_factor
@@ -82,6 +82,7 @@ class PreparedData:
     calibration_defects: SyntheticDefects  # made on the calibration images: what the thresholds must still catch
     split: HoldoutSplit
     foreground: dict  # the mode synthesis used and who chose it (config.json)
+    textures: dict  # the texture source synthesis used and who chose it (config.json)
     color: dict  # rgb | gray, and who chose it (config.json)
     pose: dict  # the training images' augmentation and who chose it (config.json)
     fingerprint: str
@@ -125,8 +126,10 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
         mode, foreground = cfg.foreground, {"mode": cfg.foreground, "chosen_by": "config"}
     # Texture classes always take a texture as anomaly source (METHOD.md); objects only sometimes.
     texture_probability = 1.0 if mode == "texture" else cfg.texture_probability
-    synthesizer = AnomalySynthesizer(size, texture_source(cfg.textures, size), texture_probability)
-    tile_synthesizer = AnomalySynthesizer(tile, texture_source(cfg.textures, tile), texture_probability)
+    source = resolve_textures(cfg.textures, mode)
+    textures = {"source": str(source), "chosen_by": "auto" if cfg.textures == "auto" else "config"}
+    synthesizer = AnomalySynthesizer(size, texture_source(source, size), texture_probability)
+    tile_synthesizer = AnomalySynthesizer(tile, texture_source(source, tile), texture_probability)
 
     def foregrounds(paths: list[Path], images: np.ndarray) -> np.ndarray:
         return np.stack([user_masks[p.stem] if p.stem in user_masks else foreground_mask(im, mode)
@@ -150,6 +153,7 @@ def prepare_data(data_dir: Path, cfg: TrainConfig) -> PreparedData:
         fingerprint=fingerprint_files(data_dir, list(folder.train)),
         split=split,
         foreground=foreground,
+        textures=textures,
         color=color,
         pose=pose,
     )
@@ -164,6 +168,8 @@ def start_decisions(data: PreparedData, session: "TrainingSession") -> list[str]
     if data.foreground["chosen_by"] == "auto":
         lines.append(f"foreground: {data.foreground['mode']} ({data.foreground['images_showing_an_object']:.0%} of "
                      f"the training images show an object on a background; object from {AUTO_OBJECT_SHARE:.0%})")
+    if data.textures["chosen_by"] == "auto":
+        lines.append(f"textures: {data.textures['source']} (auto: procedural on objects, none on textures)")
     if data.pose["chosen_by"] == "auto":
         lines.append(f"augment: {data.pose['mode']} (±{data.pose['degrees']:.0f}°, ±{data.pose['shift']:.1%} of the "
                      f"side; 90 % of the training images lie within {data.pose['rotation_90th_degrees']:.0f}° and "
@@ -247,7 +253,8 @@ class TrainingSession:
                      # By name: which good images chose the model and which set its thresholds.
                      "selection_images": [p.name for p in self.data.split.selection],
                      "calibration_images": [p.name for p in self.data.split.calibration],
-                     "foreground": self.data.foreground, "color": self.data.color, "pose": self.data.pose},
+                     "foreground": self.data.foreground, "textures": self.data.textures, "color": self.data.color,
+                     "pose": self.data.pose},
             "world_size": self.ddp.world_size,
             "precision": {"computed_in": self.precision, "why": self.precision_reason},
             "denoiser_start": self.denoiser_start,

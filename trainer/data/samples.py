@@ -8,7 +8,8 @@ import numpy as np
 
 from trainer.data.foreground import ForegroundMode, foreground_mask
 from trainer.data.mvtec import DataError, read_rgb, scan_mvtec
-from trainer.data.synthesis import OBJECT_TEXTURE_PROBABILITY, AnomalySynthesizer, TextureSetting, texture_source
+from trainer.data.synthesis import (OBJECT_TEXTURE_PROBABILITY, AnomalySynthesizer, TextureSetting, resolve_textures,
+                                    texture_source)
 
 CONTOUR_RGB = (255, 0, 0)
 
@@ -31,7 +32,7 @@ def write_synthetic_samples(
     train = scan_mvtec(data_dir, require_test=False).train
     synthesizer = AnomalySynthesizer(
         size,
-        texture_source(textures, size),
+        texture_source(resolve_textures(textures, foreground), size),
         texture_probability=1.0 if foreground == "texture" else OBJECT_TEXTURE_PROBABILITY,
     )
     rng = np.random.default_rng(seed)

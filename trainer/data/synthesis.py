@@ -14,7 +14,8 @@ from trainer.data.procedural import procedural_image
 
 Augmenter = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # uint8 RGB in, uint8 RGB out
 TextureSource = Callable[[np.random.Generator], np.ndarray]  # a uint8 RGB texture at the synthesizer's size
-TextureSetting = Literal["procedural", "none"] | Path
+TextureSetting = Literal["auto", "procedural", "none"] | Path
+TEXTURE_WORDS = ("auto", "procedural", "none")  # the settings that name no folder
 
 AUGMENTERS_PER_SOURCE = 3
 GRID_SIZES = (2, 4, 8)
@@ -138,8 +139,18 @@ class ProceduralTextures:
         return procedural_image(self.size, rng)
 
 
+def resolve_textures(setting: TextureSetting, foreground_mode: str) -> TextureSetting:
+    """auto: procedural pictures on objects, where foreign material is the typical defect; none on textures,
+    whose every defect takes the texture source: there, a surface's own shuffled tiles (measured: README)."""
+    if setting != "auto":
+        return setting
+    return "procedural" if foreground_mode == "object" else "none"
+
+
 def texture_source(setting: TextureSetting | str, size: int) -> TextureSource | None:
-    """The `textures` setting as a source of size x size textures; none: the image's own tiles only."""
+    """The `textures` setting (resolved) as a source of size x size textures; none: the image's own tiles only."""
+    if setting == "auto":
+        raise ValueError("textures = auto is resolved by the foreground mode first (resolve_textures)")
     if setting == "none":
         return None
     if setting == "procedural":
