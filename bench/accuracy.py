@@ -139,7 +139,7 @@ def markdown(results: list[dict], command: str) -> str:
         for head, figures in r["heads"].items():
             for defect, scores in figures["per_defect"].items():
                 cells = " | ".join(f"{100 * scores[k]:.1f}" for k in DEFECT_METRICS)
-                lines.append(f"| {r['set']}{suffix(r)} | {head} | {defect} | {cells} |")
+                lines.append(f"| {r['set']}, {r['minutes']:g} min{suffix(r)} | {head} | {defect} | {cells} |")
     lines += ["", "Measured on:", ""]
     lines += [f"- {r['set']}, {r['minutes']:g} min{suffix(r)} (trained {r['measured']}, evaluated "
               f"{r.get('evaluated', r['measured'])}): {r['machine']}" for r in results]
