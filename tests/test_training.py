@@ -90,7 +90,7 @@ def test_fit_is_reproducible_and_an_interrupted_run_resumes_exactly(tmp_path, da
     selection, calibration = config["data"]["selection_images"], config["data"]["calibration_images"]
     assert selection and len(config["data"]["fingerprint"]) == 64
     assert config["data"]["foreground"] == {"mode": "object", "chosen_by": "auto", "images_showing_an_object": 1.0}
-    assert config["data"]["textures"] == {"source": "none", "chosen_by": "config"}
+    assert config["data"]["textures"] == {"source": "procedural", "chosen_by": "auto"}
     # By default the pose is measured; hazelnut's nuts lie turned, so the resumed run above replayed
     # the pose draws as well.
     assert config["data"]["pose"]["chosen_by"] == "auto" and config["data"]["pose"]["mode"] == "rotate"
@@ -271,7 +271,7 @@ def test_a_config_names_a_texture_folder_relative_to_itself_or_a_built_in_source
     for word in ("auto", "procedural", "none"):
         config.write_text(f'textures = "{word}"\n')
         assert load_train_config(config).textures == word
-    assert load_train_config(None, textures=None).textures == "none"  # absent on the command line
+    assert load_train_config(None, textures=None).textures == "auto"  # absent on the command line
     assert TrainConfig.model_validate({"textures": None}).textures == "none"  # config.json of older runs
 
 

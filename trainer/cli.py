@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("-n", type=int, default=16)
     synth.add_argument("--profile", choices=["tiny", "small", "paper"], default="small")
-    synth.add_argument("--textures", default="none", help="a folder of texture images, procedural, none or auto")
+    synth.add_argument("--textures", default="auto", help="a folder of texture images, procedural, none or auto")
     synth.add_argument("--foreground", choices=["object", "texture"], default="object")
     synth.add_argument("--seed", type=int, default=0)
 

@@ -62,10 +62,10 @@ class TrainConfig(BaseModel):
                             "orientation is what is inspected")
     foreground_masks: Path | None = Field(None, description="folder of user foreground masks (by image stem)")
     textures: TextureSetting = Field(
-        "none", description="texture source of synthetic defects: a folder of texture images (e.g. DTD), or "
+        "auto", description="texture source of synthetic defects: a folder of texture images (e.g. DTD), or "
                             "procedural: pictures the product draws (surfaces and shapes); none: the image's own "
                             "shuffled tiles only; auto: procedural on objects, none on textures (the decision is "
-                            "logged and kept in config.json; measured: README, Texture source)")
+                            "logged and kept in config.json; default measured: README, Texture source)")
     texture_probability: float = Field(0.5, ge=0, le=1, description="chance of a texture source (objects)")
     false_reject_rate: float = Field(0.01, gt=0, lt=1, description="calibration target on normal images")
     tiles_per_side: int = Field(
